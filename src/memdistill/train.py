@@ -1,0 +1,363 @@
+"""The training loop shared by `pretrain` (from scratch) and `finetune` (the method).
+
+Everything random in a step (batch order, timesteps, noise, label dropout) is derived from (seed, step),
+so a resumed run replays exactly the steps an uninterrupted run would take, and a run split over several
+processes draws the same global batch as a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .diffusion import GaussianDiffusion
+from .errors import UserError
+from .manifest import write_json_atomic, write_manifest
+
+log = logging.getLogger(__name__)
+
+MEMORY_CHOICES = ("adaptive", "fifo", "none")
+TRAIN_CHOICES = ("difffit", "all")
+# Options that change how a run is observed, not what it computes: a resume may change them.
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "mnist5k"
+    subset: str | None = None
+    resolution: int | None = None
+    skip_bad_images: bool = False
+    codec: str = "pixel"
+    vae: str | None = None
+    latent_cache: str | None = None
+    # model: `init` is a checkpoint to start from (finetune); without it `model` is built from scratch
+    model: str = "DiT-Tiny/4"
+    init: str | None = None
+    train: str = "all"
+    class_dropout: float = 0.1
+    # optimisation
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_decay: float = 0.9999
+    # memory (METHOD.md sections 3-4)
+    memory: str = "none"
+    lambda_real: float = 0.002
+    lambda_gen: float = 0.008
+    mem_real: int = 64
+    mem_gen: int = 64
+    repeat_loss_defect: bool = False
+    # bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    device: str = "auto"
+    progress: bool = True
+    stage: str = field(default="train")
+
+    def validate(self) -> None:
+        if self.memory not in MEMORY_CHOICES:
+            raise UserError(f"--memory must be one of {', '.join(MEMORY_CHOICES)}, got {self.memory!r}")
+        if self.train not in TRAIN_CHOICES:
+            raise UserError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
+        for name in ("lambda_real", "lambda_gen", "lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("mem_real", "mem_gen", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise UserError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UserError(f"--grad-clip must be > 0, got {self.grad_clip}")
+
+
+# ----- distributed helpers ---------------------------------------------------------------------------
+def dist_setup(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, dev
+
+
+def gather_batch(x: torch.Tensor, world: int) -> torch.Tensor:
+    """All ranks' rows of ``x`` in rank order (no gradient)."""
+    if world == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+# ----- per-step randomness --------------------------------------------------------------------------
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step) * 7 + stream)
+    return g
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Global batch of ``step``: epochs are permutations seeded by (seed, epoch); the tail that does not
+    fill a batch is dropped."""
+    per_epoch = n // batch
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+    return perm[j * batch:(j + 1) * batch]
+
+
+# ----- the run --------------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    latents: torch.Tensor  # (N, C, h, w)
+    targets: torch.Tensor  # (N,) labels 0..K-1
+    class_names: list[str]
+    cond_labels: list[int]  # the model's class index of each label
+    identity: str
+    codec_config: dict
+    image_shape: tuple[int, ...]
+
+
+def load_train_data(cfg: TrainConfig) -> TrainData:
+    """The training split of ``cfg.data`` encoded by ``cfg.codec`` (cached when ``cfg.latent_cache`` is set)."""
+    from .codec import encode_dataset, make_codec
+    from .data import open_dataset
+
+    ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images)
+    device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    codec = make_codec(cfg.codec, cfg.vae, device=device)
+    cache = Path(cfg.latent_cache) if cfg.latent_cache else None
+    latents, targets = encode_dataset(codec, ds, cache, seed=cfg.seed)
+    return TrainData(latents.float().cpu(), targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
+                     ds.identity, codec.config(), (ds.channels, ds.resolution, ds.resolution))
+
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    per_epoch = max(n // cfg.batch_size, 1)
+    return max(int(round((cfg.epochs or 1.0) * per_epoch)), 1)
+
+
+def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank: int) -> Path | None:
+    """Returns the resume state to load, if any. Refuses to mix runs in one folder."""
+    state_path = out / "checkpoints" / "last.pt"
+    holds_run = (out / "config.json").exists() or state_path.exists()
+    if resume:
+        if not state_path.exists():
+            if holds_run or (out / "manifest.json").exists():
+                raise UserError(f"--resume: {out} has no resume state (checkpoints/last.pt)")
+            return None  # nothing to resume yet: start fresh
+        saved = json.loads((out / "config.json").read_text())
+        now = dataclasses.asdict(cfg)
+        changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise UserError(f"--resume with a changed configuration ({detail}); use the original options or --overwrite")
+        return state_path
+    if holds_run or (out / "manifest.json").exists():
+        if not overwrite:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if rank == 0:
+            shutil.rmtree(out)
+    return None
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        if pm.requires_grad:
+            pe.lerp_(pm.detach(), 1.0 - decay)
+
+
+def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data: TrainData,
+                 resume: bool = False, overwrite: bool = False, export_extra: dict | None = None) -> Path:
+    """Train ``model`` on ``data`` per ``cfg``; returns the export folder. ``model`` must already hold its
+    starting weights and trainable flags."""
+    from .models.dit import dit_config
+    from .models.io import save_export
+
+    cfg.validate()
+    out = Path(out)
+    rank, world, device = dist_setup(cfg.device)
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    n = len(data.targets)
+    if n < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n} training images")
+    state_path = prepare_output(out, cfg, resume, overwrite, rank)
+    if world > 1:
+        dist.barrier()
+    steps = total_steps(cfg, n)
+    local = cfg.batch_size // world
+
+    diffusion = GaussianDiffusion()
+    model = model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    memories = None
+    if cfg.memory != "none":
+        from .memory import ClassMemories
+
+        memories = ClassMemories(len(data.class_names), cfg.mem_real, cfg.mem_gen, cfg.memory)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start = 0
+    if state_path is not None:
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        if memories is not None:
+            memories.load_state_dict(state["memories"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start = state["step"]
+        log.info("resumed from step %d", start)
+
+    if rank == 0:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
+        _trim_metrics(out / "metrics.jsonl", start)
+
+    latents = data.latents.to(device)
+    targets = data.targets.to(device)
+    cond = torch.tensor(data.cond_labels, dtype=torch.long, device=device)
+
+    def save_state(step: int) -> None:
+        if rank != 0:
+            return
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "memories": memories.state_dict() if memories is not None else None,
+                 "rng": {"torch": torch.get_rng_state()}, "step": step, "config": dataclasses.asdict(cfg)}
+        save_atomic(state, out / "checkpoints" / "last.pt")
+
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=steps, initial=start, desc=cfg.stage, disable=(rank != 0 or not cfg.progress), dynamic_ncols=True)
+    model.train()
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+            g = step_generator(cfg.seed, step)
+            x0_all = latents[idx]
+            t_all = diffusion.sample_timesteps(cfg.batch_size, generator=g).to(device)
+            noise_all = torch.randn(x0_all.shape, generator=g).to(device)
+            drop_all = (torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout).to(device)
+            mine = slice(rank * local, (rank + 1) * local)
+            labels = targets[idx][mine]
+            y = cond[labels]
+
+            def model_fn(x, t, yy, _drop=drop_all[mine]):
+                return net(x, t, yy, force_drop_ids=_drop)
+
+            terms = diffusion.training_losses(model_fn, x0_all[mine], t_all[mine], y, noise_all[mine])
+            loss = terms["loss"].mean()
+            parts = {}
+            if memories is not None:
+                loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], memories, cfg, rank, world)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            ema_update(ema, model, cfg.ema_decay)
+            done = step + 1
+            dt = time.perf_counter() - t0
+            if metrics_file is not None and (done % cfg.log_every == 0 or done == steps):
+                row = {"step": done, "loss": loss.item(), "diffusion": terms["loss"].mean().item(),
+                       "mse": terms["mse"].mean().item(), "vb": terms["vb"].mean().item(), **parts,
+                       "step_time": dt}
+                if memories is not None:
+                    row["memory_sizes"] = memories.sizes()
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{row['diffusion']:.4f}", refresh=False)
+            if done % cfg.checkpoint_every == 0 or done == steps:
+                save_state(done)
+            bar.update(1)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    export = out / "export"
+    if rank == 0:
+        extra = {"stage": cfg.stage, "class_names": data.class_names, "cond_labels": data.cond_labels,
+                 "codec": data.codec_config, "image_shape": list(data.image_shape),
+                 "latent_shape": list(data.latents.shape[1:]), "steps": steps, **(export_extra or {})}
+        save_export(export, ema.cpu(), extra)
+        write_manifest(out, cfg.stage, dataclasses.asdict(cfg), export="export", data=data.identity,
+                       class_names=data.class_names, steps=steps)
+    if world > 1:
+        dist.barrier()
+    return export
+
+
+def _add_memory_loss(loss, pred_x0, labels, x0, memories, cfg: TrainConfig, rank: int, world: int):
+    """Memory terms on the global batch, then the memory update.
+
+    Every rank sees all ranks' predictions, but only its own slice carries gradient; scaling the term by the
+    world size makes the DDP-averaged gradient equal to the single-process gradient of the global batch.
+    """
+    from .losses import memory_loss
+
+    if world > 1:
+        n = len(labels)
+        all_pred = gather_batch(pred_x0, world)
+        all_pred = torch.cat([all_pred[: rank * n], pred_x0, all_pred[(rank + 1) * n:]])
+        all_labels = gather_batch(labels, world)
+        all_x0 = gather_batch(x0, world)
+    else:
+        all_pred, all_labels, all_x0 = pred_x0, labels, x0
+    mem, parts = memory_loss(all_pred, all_labels, memories, cfg.lambda_real, cfg.lambda_gen,
+                             repeat_defect=cfg.repeat_loss_defect)
+    memories.update(all_labels, all_x0.detach(), all_pred.detach())
+    return loss + world * mem, {"memory": float(mem), **parts}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint; drop their old lines."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from memdistill.diffusion import GaussianDiffusion, image_generator, linear_betas, respaced_timesteps
+from memdistill.errors import UserError
+
+
+def test_linear_schedule_endpoints_and_abar():
+    b = linear_betas()
+    assert len(b) == 1000 and b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
+    d = GaussianDiffusion()
+    abar = d.base.alphas_cumprod
+    assert abar[0].item() == pytest.approx(1 - 1e-4)
+    assert abar[-1].item() == pytest.approx(torch.prod(1 - b).item())
+    assert abar[-1].item() < 1e-4  # nearly pure noise at the end
+
+
+def test_q_sample_and_predict_x0_are_inverse():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 2, 4, 4, generator=g)
+    noise = torch.randn(5, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    xt = d.q_sample(x0, t, noise)
+    abar = d.base.alphas_cumprod[500].item()
+    assert torch.allclose(xt[2], math.sqrt(abar) * x0[2] + math.sqrt(1 - abar) * noise[2], atol=1e-6)
+    assert torch.allclose(d.predict_x0(xt, t, noise), x0, atol=1e-3)
+
+
+def test_respacing_keeps_original_abar():
+    ts = respaced_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 0 and ts[-1] == 999
+    d = GaussianDiffusion()
+    s = d.respaced(50)
+    assert torch.allclose(s.alphas_cumprod, d.base.alphas_cumprod[ts])
+    assert s.timesteps.tolist() == ts
+    assert respaced_timesteps(1000, 1000) == list(range(1000))
+    with pytest.raises(UserError):
+        respaced_timesteps(1000, 0)
+
+
+def _oracle(d: GaussianDiffusion, target: torch.Tensor, learned: bool):
+    """A model that knows the data is the single point ``target``: its eps is exact, and its variance
+    channel (-1) selects the true posterior variance."""
+
+    def fn(x, t, y):
+        abar = d.base.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        eps = (x - abar.sqrt() * target) / (1 - abar).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], 1) if learned else eps
+
+    return fn
+
+
+def test_hybrid_loss_is_zero_for_the_oracle_and_vb_trains_only_variance():
+    d = GaussianDiffusion()
+    target = torch.full((1, 2, 4, 4), 0.3)
+    x0 = target.expand(4, -1, -1, -1)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([1, 50, 400, 999])
+    terms = d.training_losses(_oracle(d, target, learned=True), x0, t, torch.zeros(4, dtype=torch.long), noise)
+    assert terms["mse"].max().item() < 1e-8
+    # true mean and true variance: the KL term vanishes
+    assert terms["vb"].abs().max().item() < 1e-4
+    assert torch.allclose(terms["pred_x0"], x0, atol=1e-3)
+
+    # The bound must not push gradient into the eps channels (the mean is detached).
+    out = torch.zeros(2, 4, 4, 4, requires_grad=True)
+    terms = d.training_losses(lambda x, tt, y: out, x0[:2], t[1:3], torch.zeros(2, dtype=torch.long), noise[:2])
+    terms["vb"].sum().backward()
+    assert out.grad[:, :2].abs().max().item() == 0.0 and out.grad[:, 2:].abs().max().item() > 0.0
+
+
+def test_vb_known_value_for_fixed_wrong_variance():
+    """With the exact mean and the variance at beta_t (frac = +1), the KL is the closed form of two
+    Gaussians with equal means."""
+    d = GaussianDiffusion()
+    target = torch.zeros(1, 1, 2, 2)
+    t = torch.tensor([1])  # early: beta and the posterior variance differ most
+    fn = _oracle(d, target, learned=True)
+
+    def wrong_var(x, tt, y):
+        out = fn(x, tt, y)
+        out[:, 1:] = 1.0
+        return out
+
+    noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    vb = d.training_losses(wrong_var, target, t, torch.zeros(1, dtype=torch.long), noise)["vb"].item()
+    lv1 = d.base.posterior_log_variance_clipped[1].item()
+    lv2 = math.log(d.base.betas[1].item())
+    expected = 0.5 * (-1 + lv2 - lv1 + math.exp(lv1 - lv2)) / math.log(2)
+    assert expected > 0.01 and vb == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_recover_a_single_point(sampler):
+    d = GaussianDiffusion()
+    target = torch.linspace(-0.8, 0.8, 16).view(1, 1, 4, 4)
+    gens = [image_generator(0, 0, i) for i in range(3)]
+    x = d.sample(_oracle(d, target, learned=True), (1, 4, 4), torch.zeros(3, dtype=torch.long), gens, steps=25,
+                 sampler=sampler)
+    assert x.shape == (3, 1, 4, 4)
+    assert torch.allclose(x, target.expand(3, -1, -1, -1), atol=1e-3)
+
+
+def test_fixed_variance_model_samples_too():
+    d = GaussianDiffusion()
+    target = torch.full((1, 1, 2, 2), -0.5)
+    x = d.sample(_oracle(d, target, learned=False), (1, 2, 2), torch.zeros(2, dtype=torch.long),
+                 [image_generator(1, 0, i) for i in range(2)], steps=10)
+    assert torch.allclose(x, target.expand(2, -1, -1, -1), atol=1e-3)
+
+
+def test_each_image_depends_only_on_its_generator():
+    d = GaussianDiffusion()
+
+    def model(x, t, y):  # a non-trivial model mixing in the label, with learned variance
+        return torch.cat([0.1 * x + 0.01 * y.view(-1, 1, 1, 1), torch.tanh(x)], 1)
+
+    y = torch.tensor([0, 1, 2, 1])
+    full = d.sample(model, (1, 3, 3), y, [image_generator(7, int(c), i) for i, c in enumerate(y)], steps=8)
+    one = d.sample(model, (1, 3, 3), y[2:3], [image_generator(7, 2, 2)], steps=8)
+    assert torch.equal(full[2:3], one)
+    assert not torch.equal(full[1], full[3])  # same class, different index: different images
+
+
+def test_unknown_sampler_is_a_user_error():
+    d = GaussianDiffusion()
+    with pytest.raises(UserError, match="ddpm"):
+        d.sample(lambda x, t, y: x, (1, 2, 2), torch.zeros(1, dtype=torch.long), [torch.Generator()], sampler="euler")
