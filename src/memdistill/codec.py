@@ -1,0 +1,221 @@
+"""Codecs map pixels in [-1, 1] to the space the DiT works in, and back.
+
+`pixel` is the identity (small embedded datasets); `vae` is a diffusers AutoencoderKL from a local
+folder. `encode_dataset` encodes a dataset once and caches the latents on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memdistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CODECS = ("pixel", "vae")
+
+
+class Codec:
+    """Interface: encode (N, C, H, W) pixels in [-1, 1] to latents; decode back to [-1, 1]."""
+
+    name: str = ""
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-serialisable; `make_codec(**config)` rebuilds the codec."""
+        raise NotImplementedError
+
+
+class PixelCodec(Codec):
+    """The identity: the DiT works on pixels directly."""
+
+    name = "pixel"
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        # Samples from a diffusion model may overshoot the data range.
+        return z.clamp(-1.0, 1.0)
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+        return tuple(image_shape)
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+
+def _vae_folder(path: Path) -> tuple[Path, str | None]:
+    """(folder, subfolder) holding an AutoencoderKL config: the folder itself or a pipeline's vae/."""
+    for sub in (None, "vae"):
+        cfg = path / sub / "config.json" if sub else path / "config.json"
+        if cfg.is_file():
+            try:
+                cls = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name")
+            except (OSError, ValueError):
+                cls = None
+            if cls == "AutoencoderKL":
+                return path, sub
+    raise UserError(f"{path} is not a diffusers AutoencoderKL folder (need config.json with _class_name AutoencoderKL)")
+
+
+class VAECodec(Codec):
+    """A diffusers AutoencoderKL; latents are one posterior sample times the VAE's scaling factor."""
+
+    name = "vae"
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"VAE folder not found: {path}")
+        folder, sub = _vae_folder(path)
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load the AutoencoderKL in {path}: {str(e).splitlines()[0]}") from e
+        self.path = path.resolve()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        cfg = self.vae.config
+        self.scaling_factor = float(cfg.scaling_factor)
+        # Newer VAEs (SD3, Flux) also shift latents; SD VAEs have none.
+        shift = getattr(cfg, "shift_factor", None)
+        self.shift_factor = float(shift) if shift is not None else 0.0
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = []
+        for xb in x.split(self.batch_size):
+            posterior = self.vae.encode(xb.to(self.device, torch.float32)).latent_dist
+            z = posterior.sample(generator=generator)  # (b, latent_channels, H/f, W/f)
+            out.append(((z - self.shift_factor) * self.scaling_factor).to(x.device))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        out = []
+        for zb in z.split(self.batch_size):
+            zb = zb.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+            out.append(self.vae.decode(zb).sample.clamp(-1.0, 1.0).to(z.device))
+        return torch.cat(out)
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+        _, h, w = image_shape
+        f = self.downsample
+        if h % f or w % f:
+            raise UserError(f"image size {h}x{w} is not a multiple of the VAE's down-sampling factor {f}")
+        return (self.latent_channels, h // f, w // f)
+
+    def config(self) -> dict:
+        return {"name": self.name, "path": str(self.path)}
+
+
+def make_codec(name: str, path: str | Path | None = None, device: str | torch.device = "cpu") -> Codec:
+    """'pixel', or 'vae' with the path of a local AutoencoderKL folder."""
+    if name == "pixel":
+        return PixelCodec()
+    if name == "vae":
+        if path is None:
+            raise UserError("the vae codec needs the path of a local AutoencoderKL folder")
+        return VAECodec(path, device=device)
+    raise UserError(f"unknown codec '{name}': use one of {', '.join(CODECS)}")
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+
+def cache_key(codec: Codec, dataset) -> str:
+    """Hex key over everything that changes the latents."""
+    payload = {
+        "identity": dataset.identity,
+        "class_names": list(dataset.class_names),
+        "resolution": dataset.resolution,
+        "codec": codec.config(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # A crash mid-write must never leave a file that a later run takes for a complete cache.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def encode_dataset(
+    codec: Codec,
+    dataset,
+    cache_dir: Path | None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (N, *latent_shape) and targets (N,) of a whole dataset, cached under cache_dir.
+
+    The posterior samples come from one generator seeded with `seed`, so a dataset always gets
+    the same latents whether or not the cache exists.
+    """
+    from memdistill.data import load_tensors
+
+    if isinstance(codec, PixelCodec):
+        return load_tensors(dataset, batch_size=max(batch_size, 256))
+
+    path = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        path = cache_dir / f"latents-{cache_key(codec, dataset)}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                cached = load_file(path)
+                if cached["latents"].shape[0] == len(dataset) == cached["targets"].shape[0]:
+                    log.info("latent cache hit: %s", path)
+                    return cached["latents"], cached["targets"].long()
+                log.warning("latent cache %s does not match the dataset size; re-encoding", path)
+            except Exception as e:  # a damaged cache is rebuilt, never trusted
+                log.warning("latent cache %s is unreadable (%s); re-encoding", path, e)
+
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    zs, ys = [], []
+    for x, y in tqdm(loader, desc=f"encoding ({codec.name})", unit="batch", disable=None):
+        zs.append(codec.encode(x, generator=generator).cpu())
+        ys.append(y.long())
+    latents, targets = torch.cat(zs), torch.cat(ys)  # (N, *latent_shape), (N,)
+
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"identity": dataset.identity, "codec": json.dumps(codec.config(), sort_keys=True)}
+        _save_atomic({"latents": latents, "targets": targets}, path, meta)
+        log.info("latent cache written: %s", path)
+    return latents, targets

@@ -1,0 +1,154 @@
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from memdistill.codec import PixelCodec, VAECodec, cache_key, encode_dataset, make_codec  # noqa: E402
+from memdistill.data import TensorImageDataset  # noqa: E402
+from memdistill.errors import UserError  # noqa: E402
+
+
+def _tiny_vae(folder, scaling_factor=0.5):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+    )
+    vae.save_pretrained(folder)
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "tiny"
+    _tiny_vae(folder)
+    return folder
+
+
+def _images(n=5, res=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, res, res, generator=g) * 2 - 1
+
+
+def test_pixel_round_trip():
+    codec = make_codec("pixel")
+    x = _images()
+    assert torch.equal(codec.decode(codec.encode(x)), x)
+    assert codec.latent_shape((3, 16, 16)) == (3, 16, 16)
+    assert codec.decode(torch.tensor([2.0, -3.0])).tolist() == [1.0, -1.0]
+    assert json.loads(json.dumps(codec.config())) == {"name": "pixel"}
+
+
+def test_vae_shapes_and_scaling_factor_from_config(vae_dir):
+    from diffusers import AutoencoderKL
+
+    codec = VAECodec(vae_dir)
+    assert codec.scaling_factor == 0.5
+    assert codec.latent_shape((3, 16, 16)) == (4, 8, 8)
+    x = _images()
+    z = codec.encode(x, generator=torch.Generator().manual_seed(3))
+    assert z.shape == (5, 4, 8, 8)
+
+    ref = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        expect = ref.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(3)) * 0.5
+        assert torch.allclose(z, expect, atol=1e-6)
+        dec = codec.decode(z)
+        expect_dec = ref.decode(z / 0.5).sample.clamp(-1, 1)
+    assert dec.shape == (5, 3, 16, 16) and torch.allclose(dec, expect_dec, atol=1e-6)
+    assert dec.min() >= -1 and dec.max() <= 1
+
+    # batching does not change the deterministic decode
+    codec.batch_size = 2
+    assert torch.allclose(codec.decode(z), dec, atol=1e-6)
+    with pytest.raises(UserError, match="multiple of .* factor 2"):
+        codec.latent_shape((3, 15, 16))
+
+
+def test_vae_scaling_factor_is_not_a_literal(tmp_path):
+    _tiny_vae(tmp_path / "v", scaling_factor=0.25)
+    codec = make_codec("vae", str(tmp_path / "v"))
+    half = VAECodec(tmp_path / "v")
+    half.scaling_factor = 0.5
+    x = _images(2)
+    z = codec.encode(x, generator=torch.Generator().manual_seed(0))
+    z2 = half.encode(x, generator=torch.Generator().manual_seed(0))
+    assert codec.scaling_factor == 0.25 and torch.allclose(z * 2, z2, atol=1e-6)
+
+
+def test_vae_bad_folders_and_make_codec(tmp_path):
+    with pytest.raises(UserError, match="VAE folder not found: .*missing"):
+        VAECodec(tmp_path / "missing")
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(UserError, match="unet is not a diffusers AutoencoderKL"):
+        VAECodec(other)
+    with pytest.raises(UserError, match="needs the path"):
+        make_codec("vae")
+    with pytest.raises(UserError, match="unknown codec 'vq': use one of pixel, vae"):
+        make_codec("vq")
+
+
+def _dataset(identity="toy:train"):
+    images = _images(6, seed=7)
+    return TensorImageDataset(images, torch.tensor([0, 1, 0, 1, 0, 1]), ["a", "b"], identity=identity)
+
+
+def test_encode_dataset_cache_hit(vae_dir, tmp_path, monkeypatch, caplog):
+    codec = VAECodec(vae_dir)
+    calls = []
+    real_encode = codec.encode
+    monkeypatch.setattr(codec, "encode", lambda x, generator=None: calls.append(len(x)) or real_encode(x, generator))
+    ds = _dataset()
+    cache = tmp_path / "cache"
+
+    z1, y1 = encode_dataset(codec, ds, cache, batch_size=4, seed=0)
+    assert calls == [4, 2] and z1.shape == (6, 4, 8, 8) and y1.tolist() == [0, 1, 0, 1, 0, 1]
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].name == f"latents-{cache_key(codec, ds)}.safetensors"
+
+    with caplog.at_level(logging.INFO, logger="memdistill.codec"):
+        z2, y2 = encode_dataset(codec, ds, cache, batch_size=4, seed=0)
+    assert calls == [4, 2]  # no new encode
+    assert "cache hit" in caplog.text
+    assert torch.equal(z1, z2) and torch.equal(y1, y2)
+
+    # without a cache the same seed gives the same latents
+    z3, _ = encode_dataset(codec, ds, None, batch_size=4, seed=0)
+    assert torch.equal(z3, z1)
+
+
+def test_cache_key_depends_on_codec_and_dataset(vae_dir, tmp_path):
+    import shutil
+
+    ds = _dataset()
+    shutil.copytree(vae_dir, tmp_path / "copy")
+    a, b = VAECodec(vae_dir), VAECodec(tmp_path / "copy")
+    assert a.config() != b.config()
+    assert cache_key(a, ds) != cache_key(b, ds)
+    assert cache_key(a, ds) == cache_key(VAECodec(vae_dir), _dataset())
+    assert cache_key(a, ds) != cache_key(a, _dataset("toy:test"))
+    # config() rebuilds the codec
+    assert make_codec(**a.config()).config() == a.config()
+
+
+def test_pixel_codec_needs_no_cache(tmp_path):
+    ds = _dataset()
+    z, y = encode_dataset(PixelCodec(), ds, tmp_path / "cache", seed=0)
+    assert torch.equal(z, ds.images) and torch.equal(y, ds.targets)
+    assert not (tmp_path / "cache").exists()
