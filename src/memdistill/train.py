@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MEMORY_CHOICES = ("adaptive", "fifo", "none")
 TRAIN_CHOICES = ("difffit", "all")
 # Options that change how a run is observed, not what it computes: a resume may change them.
-RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress"}
+# `steps` and `epochs` only say where to stop (no schedule depends on them), so a run can be extended.
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress", "steps", "epochs"}
 
 
 @dataclass

@@ -1,0 +1,435 @@
+"""Loading and saving DiT weights: official layout, our exports, diffusers-format folders.
+
+Everything is converted to the official facebookresearch key layout (see models/dit.py) on load.
+
+Diffusers-format DiTs (DiTTransformer2DModel / Transformer2DModel with patches) hold the same
+network with other names; two numerical details differ from the official model:
+- diffusers' timestep projection uses downscale_freq_shift = 1 (frequencies exp(-ln(1e4) k / 127)),
+  the official one 0 (k / 128). The official weights, which diffusers' DiT-XL-2-256 port was
+  converted from, were trained with 0, so a converted model runs with 0 here: it reproduces the
+  official model, not diffusers' forward bit for bit. diffusers' forward matches ours after setting
+  `block.norm1.emb.time_proj.downscale_freq_shift = 0` on every block.
+- diffusers' norm2 uses the config's norm_eps (default 1e-5); the official one 1e-6. We save with
+  norm_eps = 1e-6; a folder with 1e-5 differs from ours by that eps only.
+diffusers also keeps one timestep/label embedder per block (copies of the official shared one);
+we take block 0's, which is also the one diffusers' final layer uses, and warn if the others differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from memdistill.errors import UserError
+from memdistill.models.dit import DIT_CONFIGS, DiT, DiTConfig, dit_config
+
+log = logging.getLogger(__name__)
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_DIFFFIT_RE = re.compile(r"^blocks\.\d+\.difffit_(attn|mlp)$")
+_ARCH_KEYS = tuple(DiTConfig.__dataclass_fields__)
+
+
+# ----------------------------------------------------------------------------- diffusers <-> official
+
+
+def _is_diffusers_sd(sd: dict) -> bool:
+    return any(k.startswith("transformer_blocks.") for k in sd)
+
+
+def diffusers_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers DiT state dict -> official keys (pos_embed left out: it is recomputed)."""
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    emb0 = "transformer_blocks.0.norm1.emb."
+    out = {
+        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+        "t_embedder.mlp.0.weight": sd[emb0 + "timestep_embedder.linear_1.weight"],
+        "t_embedder.mlp.0.bias": sd[emb0 + "timestep_embedder.linear_1.bias"],
+        "t_embedder.mlp.2.weight": sd[emb0 + "timestep_embedder.linear_2.weight"],
+        "t_embedder.mlp.2.bias": sd[emb0 + "timestep_embedder.linear_2.bias"],
+        "y_embedder.embedding_table.weight": sd[emb0 + "class_embedder.embedding_table.weight"],
+        # Both order their modulation chunks (shift, scale[, gate]...): no row permutation needed.
+        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
+        "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
+        "final_layer.linear.weight": sd["proj_out_2.weight"],
+        "final_layer.linear.bias": sd["proj_out_2.bias"],
+    }
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.qkv.{kind}"] = torch.cat([sd[src + f"attn1.to_{n}.{kind}"] for n in "qkv"], dim=0)
+            out[dst + f"attn.proj.{kind}"] = sd[src + f"attn1.to_out.0.{kind}"]
+            out[dst + f"mlp.fc1.{kind}"] = sd[src + f"ff.net.0.proj.{kind}"]
+            out[dst + f"mlp.fc2.{kind}"] = sd[src + f"ff.net.2.{kind}"]
+            out[dst + f"adaLN_modulation.1.{kind}"] = sd[src + f"norm1.linear.{kind}"]
+        if i:
+            for key in (k for k in sd if k.startswith(f"transformer_blocks.{i}.norm1.emb.")):
+                ref = sd[key.replace(f"transformer_blocks.{i}.", "transformer_blocks.0.", 1)]
+                if not torch.equal(sd[key], ref):
+                    log.warning("diffusers block %d has its own %s; the official layout shares block 0's", i, key)
+                    break
+    return out
+
+
+def official_to_diffusers(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Official keys (DiffFit already folded) -> a diffusers DiTTransformer2DModel state dict."""
+    out = {
+        "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": sd["final_layer.linear.weight"],
+        "proj_out_2.bias": sd["final_layer.linear.bias"],
+    }
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
+        emb = dst + "norm1.emb."
+        # diffusers keeps a copy of the shared embedders in every block.
+        out[emb + "timestep_embedder.linear_1.weight"] = sd["t_embedder.mlp.0.weight"]
+        out[emb + "timestep_embedder.linear_1.bias"] = sd["t_embedder.mlp.0.bias"]
+        out[emb + "timestep_embedder.linear_2.weight"] = sd["t_embedder.mlp.2.weight"]
+        out[emb + "timestep_embedder.linear_2.bias"] = sd["t_embedder.mlp.2.bias"]
+        out[emb + "class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        for kind in ("weight", "bias"):
+            q, k, v = sd[src + f"attn.qkv.{kind}"].chunk(3, dim=0)
+            out[dst + f"attn1.to_q.{kind}"], out[dst + f"attn1.to_k.{kind}"], out[dst + f"attn1.to_v.{kind}"] = q, k, v
+            out[dst + f"attn1.to_out.0.{kind}"] = sd[src + f"attn.proj.{kind}"]
+            out[dst + f"ff.net.0.proj.{kind}"] = sd[src + f"mlp.fc1.{kind}"]
+            out[dst + f"ff.net.2.{kind}"] = sd[src + f"mlp.fc2.{kind}"]
+            out[dst + f"norm1.linear.{kind}"] = sd[src + f"adaLN_modulation.1.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def dit_kwargs_from_diffusers_config(cfg: dict) -> dict:
+    """DiT constructor kwargs from a diffusers DiTTransformer2DModel config.json dict."""
+    if cfg.get("patch_size") is None or cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise UserError("diffusers config is not a DiT: need patch_size set and norm_type 'ada_norm_zero'")
+    if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        raise UserError(f"diffusers DiT activation_fn must be 'gelu-approximate', got {cfg['activation_fn']!r}")
+    heads, head_dim = int(cfg.get("num_attention_heads", 16)), int(cfg.get("attention_head_dim", 72))
+    in_channels = int(cfg.get("in_channels", 4))
+    out_channels = int(cfg.get("out_channels") or in_channels)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise UserError(f"diffusers DiT out_channels must be in_channels or twice it, got {out_channels}")
+    return dict(
+        input_size=int(cfg.get("sample_size", 32)),
+        patch_size=int(cfg["patch_size"]),
+        in_channels=in_channels,
+        hidden_size=heads * head_dim,
+        depth=int(cfg.get("num_layers", 28)),
+        num_heads=heads,
+        mlp_ratio=4.0,  # diffusers' FeedForward is fixed at 4x
+        class_dropout_prob=0.1,  # diffusers always builds the null row
+        num_classes=int(cfg.get("num_embeds_ada_norm", 1000)),
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
+def _diffusers_config(model: DiT) -> dict:
+    c = model.config
+    if c.mlp_ratio != 4.0:
+        raise UserError(f"diffusers DiT needs mlp_ratio 4.0, this model has {c.mlp_ratio}")
+    return dict(
+        num_attention_heads=c.num_heads,
+        attention_head_dim=c.hidden_size // c.num_heads,
+        in_channels=c.in_channels,
+        out_channels=model.out_channels,
+        num_layers=c.depth,
+        sample_size=c.input_size,
+        patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,  # the official norm2 eps
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def fold_difffit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold DiffFit scales into the gate rows of adaLN_modulation (gamma * gate is linear in c).
+
+    The result is a plain official state dict with the same function (up to float rounding).
+    """
+    out = {k: v for k, v in sd.items() if not _DIFFFIT_RE.match(k)}
+    for key in sd:
+        m = _DIFFFIT_RE.match(key)
+        if not m:
+            continue
+        prefix = key.rsplit(".", 1)[0] + ".adaLN_modulation.1."
+        gamma = sd[key]
+        d = gamma.shape[0]
+        rows = slice(2 * d, 3 * d) if m.group(1) == "attn" else slice(5 * d, 6 * d)  # gate_msa / gate_mlp
+        w, b = out[prefix + "weight"].clone(), out[prefix + "bias"].clone()
+        w[rows] *= gamma[:, None]
+        b[rows] *= gamma
+        out[prefix + "weight"], out[prefix + "bias"] = w, b
+    return out
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _torch_load(path: Path) -> dict:
+    # Training checkpoints of the official train.py carry an argparse.Namespace: allow just that.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise UserError(f"cannot read {path} as a torch checkpoint with weights_only=True: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, expected a state dict")
+    for key in ("ema", "model"):  # prefer EMA weights in a training checkpoint
+        if isinstance(obj.get(key), dict):
+            log.info("%s: using the %r weights of a training checkpoint", path, key)
+            return obj[key]
+    return obj
+
+
+def _load_diffusers_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        sd = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            sd.update(load_file(folder / shard))
+        return sd
+    for name in DIFFUSERS_WEIGHTS:
+        if (folder / name).exists():
+            return load_file(folder / name) if name.endswith(".safetensors") else _torch_load(folder / name)
+    raise UserError(f"{folder}: diffusers config found but none of {', '.join(DIFFUSERS_WEIGHTS)}")
+
+
+def _resolve_folder(path: Path) -> Path:
+    # A diffusers pipeline folder keeps the DiT under transformer/.
+    if not (path / EXPORT_CONFIG).exists() and (path / "transformer" / EXPORT_CONFIG).exists():
+        return path / "transformer"
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+
+
+def load_state_dict_any(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights in the official key layout from an official .pt/.pth (bare or a training checkpoint:
+    "ema" preferred over "model"), a .safetensors file, one of our export folders, or a
+    diffusers-format DiT folder (converted; pos_embed is not included, being recomputed)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"weights not found: {path}")
+    if path.is_dir():
+        path = _resolve_folder(path)
+        if (path / EXPORT_WEIGHTS).exists():
+            sd = load_file(path / EXPORT_WEIGHTS)
+        elif (path / EXPORT_CONFIG).exists() and _read_json(path / EXPORT_CONFIG).get("_class_name") in DIFFUSERS_CLASSES:
+            sd = _load_diffusers_weights(path)
+        else:
+            raise UserError(
+                f"{path}: not a DiT folder; expected {EXPORT_WEIGHTS} + {EXPORT_CONFIG} or a diffusers DiT "
+                f"({EXPORT_CONFIG} with _class_name in {DIFFUSERS_CLASSES})"
+            )
+    elif path.suffix == ".safetensors":
+        sd = load_file(path)
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        sd = _torch_load(path)
+    else:
+        raise UserError(f"{path}: unknown weights format; use .pt/.pth/.bin/.ckpt, .safetensors or a folder")
+    sd = _strip_prefixes(dict(sd))
+    return diffusers_to_official(sd) if _is_diffusers_sd(sd) else sd
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def infer_dit_kwargs(sd: dict[str, torch.Tensor], **arch) -> dict:
+    """Constructor kwargs read from official-layout shapes; `arch` entries win over inferred ones."""
+    if "x_embedder.proj.weight" not in sd:
+        raise UserError("not a DiT state dict: missing 'x_embedder.proj.weight'")
+    hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
+    kw: dict = dict(hidden_size=hidden, in_channels=in_ch, patch_size=patch)
+    kw["depth"] = len({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
+    known_heads = {v["hidden_size"]: v["num_heads"] for v in DIT_CONFIGS.values()}
+    kw["num_heads"] = known_heads.get(hidden, max(1, hidden // 64))
+    if "blocks.0.mlp.fc1.weight" in sd:
+        kw["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    if "final_layer.linear.weight" in sd:
+        kw["learn_sigma"] = sd["final_layer.linear.weight"].shape[0] == 2 * patch * patch * in_ch
+    if "pos_embed" in sd:
+        kw["input_size"] = round(sd["pos_embed"].shape[1] ** 0.5) * patch
+    if "y_embedder.embedding_table.weight" in sd:
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+        if "num_classes" in arch:
+            kw["class_dropout_prob"] = 0.0 if rows == arch["num_classes"] else 0.1
+        elif arch.get("class_dropout_prob", 0.1) > 0:
+            kw["num_classes"] = rows - 1
+        else:
+            kw["num_classes"] = rows
+    kw.update(arch)
+    return kw
+
+
+def _check_arch(arch: dict) -> None:
+    unknown = sorted(set(arch) - set(_ARCH_KEYS))
+    if unknown:
+        raise UserError(f"unknown DiT argument {unknown[0]!r}; allowed: {', '.join(_ARCH_KEYS)}")
+
+
+def _empty_model(kwargs: dict, difffit: bool) -> DiT:
+    # Built on meta then materialised uninitialised: every tensor is filled by load_into, so the
+    # (slow for XL) random init is skipped.
+    with torch.device("meta"):
+        model = DiT(**kwargs)
+        if difffit:
+            model.enable_difffit()
+    return model.to_empty(device="cpu")
+
+
+def load_into(model: DiT, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> DiT:
+    """Strict load with one-line errors. pos_embed (fixed) and DiffFit scales may be absent:
+    they are recomputed / set to identity."""
+    expected = model.state_dict()
+    for key in expected:
+        if key not in sd and key != "pos_embed" and not _DIFFFIT_RE.match(key):
+            raise UserError(f"{source}: missing key {key!r} for this DiT architecture")
+    for key, value in sd.items():
+        if key not in expected:
+            raise UserError(f"{source}: unexpected key {key!r} for this DiT architecture")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(
+                f"{source}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        if "pos_embed" not in sd:
+            model.reset_pos_embed()
+        for key, param in model.named_parameters():
+            if _DIFFFIT_RE.match(key) and key not in sd:
+                param.fill_(1.0)
+    return model
+
+
+def load_dit(path: str | os.PathLike, **arch) -> DiT:
+    """A DiT (eval mode) from any format `load_state_dict_any` reads.
+
+    The architecture comes from config.json when the folder has one (ours or diffusers), else it is
+    inferred from the tensor shapes (num_heads from the registry by hidden size); `arch` kwargs
+    (DiT constructor names) override either. Nothing found at all -> DiT-XL/2 at 256 px.
+    """
+    _check_arch(arch)
+    path = Path(path)
+    sd = load_state_dict_any(path)
+    folder = _resolve_folder(path) if path.is_dir() else None
+    difffit = any(_DIFFFIT_RE.match(k) for k in sd)
+    if folder is not None and (folder / EXPORT_CONFIG).exists():
+        cfg = _read_json(folder / EXPORT_CONFIG)
+        if "model" in cfg:
+            kwargs = dict(cfg["model"])
+            difffit = bool(kwargs.pop("difffit", False)) or difffit
+        else:
+            kwargs = dit_kwargs_from_diffusers_config(cfg)
+        kwargs.update(arch)
+    else:
+        kwargs = infer_dit_kwargs(sd, **arch)
+    _check_arch(kwargs)
+    model = _empty_model(kwargs, difffit)
+    return load_into(model, sd, source=str(path)).eval()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _plain_state_dict(model: DiT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_official(path: str | os.PathLike, model: DiT) -> None:
+    """A bare official-layout state dict (.pt); DiffFit scales are folded into the adaLN gates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(fold_difffit(_plain_state_dict(model)), path)
+
+
+def save_diffusers(folder: str | os.PathLike, model: DiT) -> None:
+    """A diffusers-format DiTTransformer2DModel folder (config.json + safetensors) via save_pretrained.
+
+    See the module docstring: diffusers runs it with timestep shift 1 unless told otherwise.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import DiTTransformer2DModel
+
+    sd = fold_difffit(_plain_state_dict(model))
+    if not model.has_null_class:  # diffusers always has the null row; an unused zero row keeps shapes valid
+        table = sd["y_embedder.embedding_table.weight"]
+        sd["y_embedder.embedding_table.weight"] = torch.cat([table, torch.zeros_like(table[:1])])
+    target = DiTTransformer2DModel(**_diffusers_config(model))
+    target.load_state_dict(official_to_diffusers(sd, model.config.depth), strict=True)
+    target.save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_export(folder: str | os.PathLike, model: DiT, config: dict) -> Path:
+    """Write model.safetensors (official keys + DiffFit scales) and config.json =
+    {"model": constructor kwargs + "difffit", **config}, atomically (tmp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    if "model" in config:
+        raise UserError("export config must not contain the key 'model' (it holds the architecture)")
+    folder = Path(folder)
+    text = json.dumps({"model": {**dit_config(model), "difffit": model.difffit_enabled}, **config}, indent=2)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_plain_state_dict(model), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / EXPORT_CONFIG).write_text(text + "\n")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_export(folder: str | os.PathLike) -> tuple[DiT, dict]:
+    """(model in eval mode, the full config.json dict) from a save_export folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / EXPORT_WEIGHTS).is_file() or not (folder / EXPORT_CONFIG).is_file():
+        raise UserError(f"{folder}: not an export folder (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
+    cfg = _read_json(folder / EXPORT_CONFIG)
+    if not isinstance(cfg.get("model"), dict):
+        raise UserError(f"{folder / EXPORT_CONFIG}: no 'model' entry with the DiT architecture")
+    kwargs = dict(cfg["model"])
+    difffit = bool(kwargs.pop("difffit", False))
+    _check_arch(kwargs)
+    model = _empty_model(kwargs, difffit)
+    return load_into(model, load_file(folder / EXPORT_WEIGHTS), source=str(folder)).eval(), cfg
