@@ -96,6 +96,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"pretrained model exported to {export}")
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune, finetune_defaults
+    from .train import TrainConfig
+
+    cfg = config_from_args(TrainConfig, args, finetune_defaults())
+    export = finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"fine-tuned model exported to {export}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .pretrain import pretrain_defaults
@@ -110,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "mem_gen", "repeat_loss_defect", "stage"}, help=TRAIN_HELP)
     _add_run_folder_args(p, "runs/pretrain")
     p.set_defaults(func=_cmd_pretrain)
+
+    from .finetune import finetune_defaults
+
+    p = sub.add_parser("finetune", help="fine-tune a DiT with memory losses (the method)",
+                       description="Fine-tune a pretrained DiT with the representativeness and diversity losses "
+                                   "against per-class memories. Defaults: the shipped mnist5k DiT on mnist5k.")
+    add_config_args(p, finetune_defaults(), skip={"model", "stage"}, help=TRAIN_HELP)
+    _add_run_folder_args(p, "runs/finetune")
+    p.set_defaults(func=_cmd_finetune)
     return parser
 
 

@@ -1,0 +1,235 @@
+"""Evaluation protocol (METHOD.md section 7): train a fresh classifier on a (distilled) train set with hard
+labels, test top-1 on real images; mean +- std over repeats with different seeds.
+
+This is the library core on tensors; loading folders and the command line live elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from memdistill.augment import TrainAugment, cutmix, resize_center_crop, test_transform
+from memdistill.errors import UserError
+from memdistill.nets import build_net
+
+log = logging.getLogger(__name__)
+
+LR_DECAY = 0.2
+TEST_BATCH = 256
+
+
+def epochs_for_ipc(ipc: int) -> int:
+    """Training epochs by images per class: fewer images need more passes to converge."""
+    if ipc < 1:
+        raise UserError(f"images per class must be >= 1, got {ipc}")
+    for limit, epochs in ((1, 3000), (10, 2000), (50, 1500), (200, 1000), (500, 500)):
+        if ipc <= limit:
+            return epochs
+    return 300
+
+
+def lr_milestones(total_epochs: int) -> tuple[int, int]:
+    """Epochs (0-based) from which the lr is multiplied by 0.2: at 2/3 and 5/6 of training."""
+    return int(2 / 3 * total_epochs), int(5 / 6 * total_epochs)
+
+
+def lr_at(epoch: int, total_epochs: int, base_lr: float) -> float:
+    """Learning rate for 0-based `epoch` (a per-epoch MultiStepLR with gamma 0.2)."""
+    passed = sum(epoch >= m for m in lr_milestones(total_epochs))
+    return base_lr * LR_DECAY ** passed
+
+
+def images_per_class(labels: torch.Tensor) -> int:
+    """IPC of a train set: the size of its largest class."""
+    return int(torch.bincount(labels.long()).max()) if len(labels) else 0
+
+
+def resolved_epochs(config: "EvalConfig", train_y: torch.Tensor) -> int:
+    """config.epochs, or the IPC rule when unset."""
+    return config.epochs or epochs_for_ipc(images_per_class(train_y))
+
+
+@dataclass
+class EvalConfig:
+    """Defaults follow the Minimax/paper protocol. None means: derive from the data."""
+
+    net: str = "convnet3"
+    norm: str = "instance"
+    image_size: int | None = None  # None -> the train images' own (shorter) side
+    epochs: int | None = None  # None -> epochs_for_ipc
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    cutmix_beta: float = 1.0  # 0 disables CutMix
+    flip: bool = True
+    jitter: bool = True
+    lighting: bool = True
+    eval_every: int | None = None  # None -> about 10 checks over training, plus the last epoch
+    repeats: int = 3
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "repeats": self.repeats}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
+        for name in ("epochs", "eval_every", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1 (or unset), got {value}")
+        if self.cutmix_beta < 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise UserError("cutmix_beta, momentum and weight_decay must be >= 0")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise UserError(f"unknown device {self.device!r}; use e.g. cpu or cuda") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {self.device!r} requested but CUDA is not available; use cpu")
+
+
+def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                num_classes: int) -> int:
+    """Validate the tensors; return images per class of the train set (its largest class)."""
+    if train_x.ndim != 4 or test_x.ndim != 4:
+        raise UserError(f"images must be (N, C, H, W), got train {tuple(train_x.shape)}, test {tuple(test_x.shape)}")
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise UserError(f"empty {'train' if len(train_x) == 0 else 'test'} set: nothing to evaluate")
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise UserError(f"{len(train_x)} train images but {len(train_y)} labels, "
+                        f"{len(test_x)} test images but {len(test_y)} labels")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise UserError(f"train images have {train_x.shape[1]} channels, test images {test_x.shape[1]}")
+    for name, y in (("train", train_y), ("test", test_y)):
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            raise UserError(f"{name} labels must lie in 0..{num_classes - 1}, "
+                            f"got {int(y.min())}..{int(y.max())}")
+    train_classes, test_classes = set(train_y.tolist()), set(test_y.tolist())
+    if train_classes != test_classes:
+        raise UserError(f"the train set has {len(train_classes)} classes, the test set {len(test_classes)} "
+                        f"(or different ones): both must cover the same classes")
+    return images_per_class(train_y)
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), TEST_BATCH):
+        logits = model(x[i:i + TEST_BATCH].to(device))
+        correct += int((logits.argmax(1).cpu() == y[i:i + TEST_BATCH]).sum())
+    model.train()
+    return 100.0 * correct / len(x)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a trailing batch of one joins the previous one (batch norm needs two)."""
+    chunks = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   num_classes: int, config: EvalConfig | None = None, seed: int | None = None) -> dict:
+    """Train one fresh classifier and test it.
+
+    Images are (N, C, H, W) in [-1, 1]; labels (N,) int64. seed None -> config.seed; it seeds both the
+    network's init (torch.manual_seed) and a generator for shuffling and augmentation.
+    Returns dict(best=, last=, history=[(epoch, top-1 %)]) with 1-based epochs.
+    """
+    config = config or EvalConfig()
+    config.validate()
+    seed = config.seed if seed is None else seed
+    ipc = _check_data(train_x, train_y, test_x, test_y, num_classes)
+    device = torch.device(config.device)
+    size = config.image_size or min(train_x.shape[-2:])
+    epochs = resolved_epochs(config, train_y)
+    eval_every = config.eval_every or max(1, epochs // 10)
+
+    torch.manual_seed(seed)  # before any other draw: the init depends on the seed only
+    model = build_net(config.net, num_classes, train_x.shape[1], size, config.norm).to(device)
+
+    # Deterministic parts are done once: train images are resized/cropped to `size` up front, so the
+    # random resized crop per epoch works at the final resolution; test images are fully prepared.
+    train01 = resize_center_crop(((train_x.float() + 1) / 2).clamp(0, 1), size).to(device)
+    test_ready = test_transform(((test_x.float() + 1) / 2).clamp(0, 1), size)
+    train_y, test_y = train_y.long().to(device), test_y.long().cpu()
+    augment = TrainAugment(size=size, flip=config.flip, jitter=config.jitter, lighting=config.lighting)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    log.info("training %s on %d images (%d per class), %d px, %d epochs, seed %d",
+             config.net, len(train_x), ipc, size, epochs, seed)
+
+    history: list[tuple[int, float]] = []
+    model.train()
+    for epoch in tqdm(range(epochs), desc=f"eval {config.net} seed {seed}", disable=None, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, epochs, config.lr)
+        for idx in _batches(len(train01), config.batch_size, generator):
+            x = augment(train01[idx.to(device)], generator)  # (B, C, size, size)
+            y = train_y[idx.to(device)]
+            if config.cutmix_beta > 0:
+                x, target = cutmix(x, y, num_classes, config.cutmix_beta, generator)
+            else:
+                target = F.one_hot(y, num_classes).float()
+            loss = F.cross_entropy(model(x), target)  # soft targets: (B, classes) probabilities
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            acc = _accuracy(model, test_ready, test_y, device)
+            history.append((epoch + 1, acc))
+            log.debug("epoch %d: loss %.4f, top-1 %.2f%%", epoch + 1, loss.item(), acc)
+    best, last = max(acc for _, acc in history), history[-1][1]
+    log.info("seed %d: best %.2f%%, last %.2f%%", seed, best, last)
+    return {"best": best, "last": last, "history": history}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def evaluate_repeats(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     num_classes: int, config: EvalConfig | None = None) -> dict:
+    """Run train_and_test `config.repeats` times with seeds seed, seed+1, ...
+
+    Std is the sample standard deviation (ddof=1) over repeats; 0 for a single repeat.
+    Returns dict(per_repeat=[{seed, best, last}], best_mean, best_std, last_mean, last_std, epochs, net,
+    config).
+    """
+    config = config or EvalConfig()
+    config.validate()
+    per_repeat = []
+    for r in range(config.repeats):
+        seed = config.seed + r
+        result = train_and_test(train_x, train_y, test_x, test_y, num_classes, config, seed)
+        per_repeat.append({"seed": seed, "best": result["best"], "last": result["last"]})
+    best_mean, best_std = _mean_std([r["best"] for r in per_repeat])
+    last_mean, last_std = _mean_std([r["last"] for r in per_repeat])
+    return {"per_repeat": per_repeat, "best_mean": best_mean, "best_std": best_std, "last_mean": last_mean,
+            "last_std": last_std, "epochs": resolved_epochs(config, train_y), "net": config.net,
+            "config": asdict(config)}
+
+
+def format_table(results: dict | list[dict]) -> str:
+    """Markdown table, one row per evaluate_repeats result; an optional "label" key names the row."""
+    rows = [results] if isinstance(results, dict) else list(results)
+    lines = ["| run | net | epochs | repeats | best top-1 % | last top-1 % |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        label = r.get("label", str(i + 1))
+        lines.append(f"| {label} | {r['net']} | {r['epochs']} | {len(r['per_repeat'])} | "
+                     f"{r['best_mean']:.2f} ± {r['best_std']:.2f} | {r['last_mean']:.2f} ± {r['last_std']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Classifiers for the evaluation protocol: ConvNet-D, ResNetAP-10 and ResNet-18.
+
+All take (N, C, S, S) images and return (N, num_classes) logits. "instance" norm is GroupNorm with one
+group per channel (affine), which is what the distillation literature calls instance norm: it keeps
+per-sample statistics, so tiny distilled training sets do not depend on batch composition.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from memdistill.errors import UserError
+
+NORMS = ("instance", "batch")
+ALLOWED_NETS = "convnetD (any depth D >= 1, e.g. convnet3, ConvNet-6), ResNetAP-10, ResNet-18"
+# At or above this size, images are ImageNet-like and get the 7x7/2 + maxpool stem.
+LARGE_IMAGE = 128
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    if norm == "instance":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    raise UserError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+
+
+class ConvNet(nn.Module):
+    """depth x [conv3x3 width, norm, ReLU, avgpool 2], then a linear layer on the flattened map."""
+
+    def __init__(self, depth: int, num_classes: int, channels: int, image_size: int, norm: str,
+                 width: int = 128):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, side = channels, image_size
+        for _ in range(depth):
+            layers += [nn.Conv2d(c_in, width, 3, padding=1), make_norm(norm, width),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            c_in, side = width, side // 2
+        if side < 1:
+            raise UserError(f"ConvNet-{depth} halves the image {depth} times: {image_size} px is too small "
+                            f"(needs at least {2 ** depth} px); use a shallower ConvNet or larger images")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))  # (N, classes)
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual. avgpool_down: down-sample by conv(stride 1) + avgpool 2 (ResNetAP)
+    instead of a strided conv, which keeps every input pixel in play on tiny images."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, avgpool_down: bool):
+        super().__init__()
+        if stride == 1:
+            self.conv1 = _conv3x3(c_in, c_out)
+        elif avgpool_down:
+            self.conv1 = nn.Sequential(_conv3x3(c_in, c_out), nn.AvgPool2d(2))
+        else:
+            self.conv1 = _conv3x3(c_in, c_out, stride)
+        self.norm1 = make_norm(norm, c_out)
+        self.conv2 = _conv3x3(c_out, c_out)
+        self.norm2 = make_norm(norm, c_out)
+        self.relu = nn.ReLU(inplace=True)
+        if stride == 1 and c_in == c_out:
+            self.shortcut: nn.Module = nn.Identity()
+        elif avgpool_down:
+            pool = [nn.AvgPool2d(2)] if stride != 1 else []
+            self.shortcut = nn.Sequential(*pool, nn.Conv2d(c_in, c_out, 1, bias=False), make_norm(norm, c_out))
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          make_norm(norm, c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Four stages of BasicBlocks, widths 64-512, global average pool, linear head."""
+
+    def __init__(self, blocks: list[int], num_classes: int, channels: int, image_size: int, norm: str,
+                 avgpool_down: bool, label: str):
+        super().__init__()
+        if image_size >= LARGE_IMAGE:
+            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False),
+                                      make_norm(norm, 64), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, stride=2, padding=1))
+            side = (image_size - 1) // 2 + 1
+            side = (side - 1) // 2 + 1
+        else:
+            # Small images (MNIST, CIFAR): keep the resolution, a 7x7/2 stem would throw most of it away.
+            self.stem = nn.Sequential(_conv3x3(channels, 64), make_norm(norm, 64), nn.ReLU(inplace=True))
+            side = image_size
+        stages: list[nn.Module] = []
+        c_in = 64
+        for i, (n_blocks, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            stride = 1 if i == 0 else 2
+            for b in range(n_blocks):
+                stages.append(BasicBlock(c_in, width, stride if b == 0 else 1, norm, avgpool_down))
+                c_in = width
+            if stride == 2:
+                side = side // 2 if avgpool_down else (side - 1) // 2 + 1
+        if side < 1:
+            raise UserError(f"{label} down-samples {image_size} px images to nothing; "
+                            f"use images of at least 8 px")
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(x))  # (N, 512, s, s)
+        return self.classifier(self.pool(h).flatten(1))  # (N, classes)
+
+
+def build_net(name: str, num_classes: int, channels: int, image_size: int, norm: str = "instance") -> nn.Module:
+    """Build a classifier by name (case-insensitive; '-' and '_' ignored): convnetD, resnetap10, resnet18."""
+    if norm not in NORMS:
+        raise UserError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    if num_classes < 1 or channels < 1 or image_size < 1:
+        raise UserError(f"num_classes, channels and image_size must be >= 1, got "
+                        f"{num_classes}, {channels}, {image_size}")
+    key = name.lower().replace("-", "").replace("_", "")
+    match = re.fullmatch(r"convnet(\d+)", key)
+    if match and int(match.group(1)) >= 1:
+        return ConvNet(int(match.group(1)), num_classes, channels, image_size, norm)
+    if key == "resnetap10":
+        return ResNet([1, 1, 1, 1], num_classes, channels, image_size, norm, avgpool_down=True,
+                      label="ResNetAP-10")
+    if key == "resnet18":
+        return ResNet([2, 2, 2, 2], num_classes, channels, image_size, norm, avgpool_down=False,
+                      label="ResNet-18")
+    raise UserError(f"unknown net {name!r}; allowed: {ALLOWED_NETS}")

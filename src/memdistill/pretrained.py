@@ -1,0 +1,35 @@
+"""Where a model argument points: a shipped model's name, a run folder, an export, or a checkpoint file."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from .errors import UserError
+
+# Models that ship inside the package (made with `memdistill pretrain`, see docs/pretrained.md).
+SHIPPED = {"mnist5k": "mnist5k-dit"}
+
+
+def shipped_path(name: str) -> Path:
+    return Path(str(resources.files("memdistill") / "weights" / SHIPPED[name]))
+
+
+def resolve_model(spec: str) -> Path:
+    """The checkpoint behind ``spec``: a shipped name, a stage's output folder (its export), or a path."""
+    if spec in SHIPPED:
+        path = shipped_path(spec)
+        if not (path / "model.safetensors").is_file():
+            raise UserError(f"the shipped {spec} model is missing from the installation ({path})")
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"model not found: {spec} (give a shipped name: {', '.join(SHIPPED)}, a run folder, "
+                        "an export folder, an official .pt or a diffusers DiT folder)")
+    manifest = path / "manifest.json"
+    if path.is_dir() and manifest.is_file():
+        export = json.loads(manifest.read_text()).get("export")
+        if export:
+            return path / export
+    return path
