@@ -353,7 +353,7 @@ def _add_memory_loss(loss, pred_x0, labels, x0, memories, cfg: TrainConfig, rank
     mem, parts = memory_loss(all_pred, all_labels, memories, cfg.lambda_real, cfg.lambda_gen,
                              repeat_defect=cfg.repeat_loss_defect)
     memories.update(all_labels, all_x0.detach(), all_pred.detach())
-    return loss + world * mem, {"memory": mem.item(), **parts}
+    return loss + world * mem, {"memory": mem.detach().item(), **parts}
 
 
 def _trim_metrics(path: Path, step: int) -> None:
