@@ -1,0 +1,253 @@
+"""Sampling a distilled set: IPC images per class from a (fine-tuned) DiT, saved as an image set.
+
+Image (class c, index i) draws all its noise from ``diffusion.image_generator(seed, c, i)``, with c the
+class's position in the model's class list: the set is the same for any batch size, any number of
+processes and any choice of ``classes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .codec import Codec, make_codec
+from .diffusion import SAMPLERS, GaussianDiffusion, image_generator
+from .errors import UserError
+from .imageset import ImageSetWriter, check_target, partial_path
+from .models.dit import DiT, guided
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleConfig:
+    model: str = "mnist5k"  # shipped name, run folder, export folder, official .pt or diffusers DiT folder
+    ipc: int = 10
+    cfg_scale: float = 4.0
+    steps: int = 50
+    sampler: str = "ddpm"  # ddpm | ddim
+    eta: float = 0.0  # DDIM noise (0 = deterministic)
+    guided_channels: int | None = None  # None = all latent channels; 3 reproduces the official DiT sampler
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    classes: list[int] | None = None  # label indices (positions in the class list) to sample; None = all
+    # Only for checkpoints without an export config (official .pt, diffusers DiT) or to override the export's:
+    subset: str | None = None  # class list: built-in name (imagewoof, ...) or a text file of names
+    codec: str | None = None  # pixel | vae; None = the export's (vae when `vae` is given for a bare checkpoint)
+    vae: str | None = None  # local AutoencoderKL folder used to decode (e.g. sd-vae-ft-mse)
+
+    def validate(self) -> None:
+        if self.ipc < 1:
+            raise UserError(f"ipc must be at least 1, got {self.ipc}")
+        if self.cfg_scale < 0:
+            raise UserError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        if self.eta < 0:
+            raise UserError(f"eta must be >= 0, got {self.eta}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.guided_channels is not None and self.guided_channels < 1:
+            raise UserError(f"guided_channels must be at least 1 (or None for all), got {self.guided_channels}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise UserError(f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+def parse_classes(classes) -> list[int] | None:
+    """None, a list of ints, or a text such as "0,3,5" -> a list of label indices."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        classes = [c for c in classes.replace(" ", "").split(",") if c]
+    try:
+        return [int(c) for c in classes]
+    except (TypeError, ValueError):
+        raise UserError(f"classes must be label indices such as 0,3,5; got {classes!r}") from None
+
+
+@dataclass
+class Sampler:
+    """A loaded model with everything needed to turn (class, index) jobs into images."""
+
+    model: DiT
+    codec: Codec
+    class_names: list[str]
+    cond_labels: list[int]  # the model's class index of each label
+    latent_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+    device: torch.device
+    source: dict  # what the set was sampled from, for the manifest
+
+    def images(self, cfg: SampleConfig, jobs: list[tuple[int, int]], diffusion: GaussianDiffusion | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] for jobs (label, index), all in one batch."""
+        diffusion = diffusion or GaussianDiffusion()
+        fn = guided(self.model, cfg.cfg_scale, cfg.guided_channels)
+        y = torch.tensor([self.cond_labels[c] for c, _ in jobs], dtype=torch.long)
+        gens = [image_generator(cfg.seed, c, i) for c, i in jobs]
+        z = diffusion.sample(fn, self.latent_shape, y, gens, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
+                             device=self.device, progress=progress)  # (N, *latent_shape)
+        return self.codec.decode(z).float().cpu()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
+    return torch.device(device)
+
+
+def _run_info(export: Path) -> dict:
+    """Data identity and method details from the run folder around an export, when there is one."""
+    manifest = export.parent / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("export") != export.name:
+        return {}
+    info = {"run": str(export.parent), "run_stage": data.get("stage"), "data": data.get("data")}
+    memory = (data.get("config") or {}).get("memory")
+    if memory is not None:
+        info["memory"] = memory
+    return info
+
+
+def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampler:
+    """Load the model behind cfg.model (an export's EMA weights) with its codec and class list."""
+    from .data import conditioning_labels, resolve_classes
+    from .models.io import EXPORT_CONFIG, load_dit, load_export
+    from .pretrained import resolve_model
+
+    device = device or resolve_device(cfg.device)
+    path = resolve_model(cfg.model)
+    export_cfg = None
+    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
+        try:
+            text = json.loads((path / EXPORT_CONFIG).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path / EXPORT_CONFIG}: {e}") from None
+        if isinstance(text.get("model"), dict) and "class_names" in text:
+            export_cfg = text
+    source = {"model": cfg.model, "path": str(path)}
+
+    if export_cfg is not None:
+        model, export_cfg = load_export(path)
+        if cfg.subset is not None:
+            raise UserError(f"{path} is an export with its own class list; subset is only for bare checkpoints")
+        class_names = list(export_cfg["class_names"])
+        cond_labels = [int(c) for c in export_cfg.get("cond_labels", range(len(class_names)))]
+        codec_cfg = dict(export_cfg.get("codec") or {"name": "pixel"})
+        if cfg.codec is not None:
+            codec_cfg = {"name": cfg.codec}
+        if cfg.vae is not None:
+            codec_cfg["path"] = cfg.vae
+        image_shape = tuple(export_cfg["image_shape"])
+        latent_shape = tuple(export_cfg.get("latent_shape") or (model.in_channels, *[model.config.input_size] * 2))
+        source.update(stage=export_cfg.get("stage"), **_run_info(path))
+    else:
+        if cfg.subset is None or (cfg.vae is None and cfg.codec != "pixel"):
+            raise UserError(f"{path} is not a memdistill export: sampling it needs subset (the class list, e.g. "
+                            "imagewoof or a text file) and vae (a local AutoencoderKL folder to decode with)")
+        model = load_dit(path)
+        class_names = resolve_classes(cfg.subset, None)
+        cond_labels = conditioning_labels(class_names)
+        codec_cfg = {"name": cfg.codec or "vae", "path": cfg.vae}
+        latent_shape = (model.in_channels, model.config.input_size, model.config.input_size)
+        image_shape = None
+        source.update(stage="checkpoint", subset=cfg.subset)
+
+    bad = [c for c in cond_labels if not 0 <= c < model.num_classes]
+    if bad:
+        raise UserError(f"class indices {bad} are outside the model's {model.num_classes} classes")
+    codec = make_codec(codec_cfg["name"], codec_cfg.get("path"), device=device)
+    if image_shape is None:
+        if codec.name == "pixel":
+            image_shape = latent_shape
+        else:
+            f = codec.downsample
+            if codec.latent_channels != model.in_channels:
+                raise UserError(f"the VAE has {codec.latent_channels} latent channels, the DiT {model.in_channels}")
+            image_shape = (3, latent_shape[1] * f, latent_shape[2] * f)
+    source["codec"] = codec.config()
+    return Sampler(model.to(device).eval(), codec, class_names, cond_labels, tuple(latent_shape),
+                   tuple(int(s) for s in image_shape), device, source)
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group if needed (gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> Path:
+    """Sample cfg.ipc images for each class (or cfg.classes) into the image set ``out``."""
+    cfg = dataclasses.replace(cfg, classes=parse_classes(cfg.classes))
+    cfg.validate()
+    out = check_target(out, overwrite)
+    rank, world = _dist_info()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    sampler = load_sampler(cfg, device)
+    guided(sampler.model, cfg.cfg_scale, cfg.guided_channels)  # fail on a bad guidance setting before any work
+
+    k = len(sampler.class_names)
+    classes = cfg.classes if cfg.classes is not None else list(range(k))
+    bad = [c for c in classes if not 0 <= c < k]
+    if bad or len(set(classes)) != len(classes) or not classes:
+        raise UserError(f"classes must be distinct label indices in 0..{k - 1}, got {classes}")
+    names = [sampler.class_names[c] for c in classes]
+    jobs = [(c, i) for c in classes for i in range(cfg.ipc)]
+    mine = jobs[rank::world]  # disjoint shares; each image's noise does not depend on who samples it
+
+    # Every rank writes into rank 0's partial folder; only rank 0 creates and commits it.
+    shared = [str(partial_path(out))]
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+        if rank != 0:
+            dist.barrier()  # wait for rank 0 to create the folder
+    writer = ImageSetWriter(out, names, sampler.image_shape, overwrite, partial=shared[0], create=rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    position = {c: j for j, c in enumerate(classes)}
+    diffusion = GaussianDiffusion()
+    with writer, tqdm(total=len(mine), desc="sampling", unit="img", disable=None) as bar:
+        for start in range(0, len(mine), cfg.batch_size):
+            batch = mine[start:start + cfg.batch_size]
+            for (c, i), x in zip(batch, sampler.images(cfg, batch, diffusion)):
+                writer.add(x, position[c], i)
+            bar.update(len(batch))
+        if world > 1:
+            dist.barrier()  # every rank's images are on disk
+        if rank == 0:
+            manifest = {
+                "stage": "sample",
+                "config": dataclasses.asdict(cfg),
+                "method": "sample",
+                "seed": cfg.seed,
+                "classes": classes,
+                "cond_labels": [sampler.cond_labels[c] for c in classes],
+                "source": sampler.source,
+                "data": sampler.source.get("data"),
+            }
+            writer.commit(manifest)
+    if world > 1:
+        dist.barrier()  # the set is in place before any rank returns
+    return out
