@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
@@ -36,26 +38,31 @@ def _optional(base: type) -> Callable[[str], Any]:
 
 
 def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[str] = frozenset(),
-                    help: dict[str, str] | None = None) -> None:
-    """One ``--option`` per field of the dataclass ``defaults``, with its value as the default."""
+                    help: dict[str, str] | None = None, prefix: str = "") -> None:
+    """One ``--[prefix-]option`` per field of the dataclass ``defaults``, with its value as the default.
+    With a prefix, the parsed attribute is ``<prefix>_<field>``."""
     help = help or {}
     for f in dataclasses.fields(defaults):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + (prefix + "-" if prefix else "") + f.name.replace("_", "-")
+        dest = f"{prefix}_{f.name}" if prefix else f.name
         default = getattr(defaults, f.name)
         base, optional = _field_type(f.type)
         text = help.get(f.name, "")
         if base is bool:
-            parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag, dest=dest, default=default, action=argparse.BooleanOptionalAction,
                                 help=text)
         else:
-            parser.add_argument(flag, dest=f.name, default=default, type=_optional(base) if optional else base,
+            parser.add_argument(flag, dest=dest, default=default, type=_optional(base) if optional else base,
                                 metavar=base.__name__.upper(), help=f"{text} (default: {default})".strip())
 
 
-def config_from_args(cls: type, args: argparse.Namespace, base: Any) -> Any:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
+    def dest(name: str) -> str:
+        return f"{prefix}_{name}" if prefix else name
+
+    values = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(cls) if hasattr(args, dest(f.name))}
     return dataclasses.replace(base, **values)
 
 
@@ -86,6 +93,28 @@ TRAIN_HELP = {
 }
 
 
+SAMPLE_HELP = {
+    "model": "shipped name (mnist5k), a run folder, an export, an official .pt or a diffusers DiT folder",
+    "cfg_scale": "classifier-free guidance scale (1 = none)",
+    "steps": "respaced sampling steps",
+    "sampler": "ddpm (ancestral, learned variances) or ddim",
+    "guided_channels": "guide only the first N latent channels (3 reproduces the official DiT sampler)",
+    "subset": "class list for a checkpoint without an export config",
+    "codec": "codec for a checkpoint without an export config",
+    "vae": "local AutoencoderKL folder used to decode",
+}
+
+EVAL_HELP = {
+    "net": "convnetD (any depth, e.g. convnet3, convnet6), resnetap10 or resnet18",
+    "norm": "instance or batch",
+    "image_size": "train/test image size (default: the set's own)",
+    "epochs": "training epochs (default: by IPC, METHOD.md section 7)",
+    "cutmix_beta": "CutMix Beta(b, b) parameter; 0 disables",
+    "flip": "random horizontal flips (default: on, except for the embedded digit sets)",
+    "repeats": "classifiers trained, each with its own seed",
+}
+
+
 # ----- subcommands ---------------------------------------------------------------------------------------
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_defaults
@@ -103,6 +132,61 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     cfg = config_from_args(TrainConfig, args, finetune_defaults())
     export = finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"fine-tuned model exported to {export}")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from .sample import SampleConfig, parse_classes, sample_set
+
+    cfg = config_from_args(SampleConfig, args, SampleConfig())
+    cfg = dataclasses.replace(cfg, classes=parse_classes(args.classes))
+    out = sample_set(cfg, args.out, overwrite=args.overwrite)
+    print(f"sampled {cfg.ipc} images per class into {out}")
+
+
+def _cmd_select(args: argparse.Namespace) -> None:
+    from .baselines import select_real
+    from .data import open_dataset
+
+    ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images)
+    out = select_real(args.method, ds, args.ipc, args.seed, args.out, overwrite=args.overwrite)
+    print(f"selected {args.ipc} real images per class ({args.method}) into {out}")
+
+
+def _print_eval(result: dict, label: str) -> None:
+    from .evaluate import format_table
+
+    print(format_table(dict(result, label=label)))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvalConfig, evaluate_image_set
+    from .manifest import write_json_atomic
+
+    cfg = config_from_args(EvalConfig, args, EvalConfig())
+    result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
+                                resolution=args.resolution)
+    write_json_atomic(Path(args.out) / "results.json", result)
+    _print_eval(result, str(result.get("method") or args.train))
+    print(f"results written to {Path(args.out) / 'results.json'}")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .evaluate import EvalConfig
+    from .run import RunConfig, run_pipeline
+    from .sample import SampleConfig
+    from .train import TrainConfig
+
+    base = RunConfig()
+    cfg = RunConfig(ipc=args.ipc, baselines=args.baselines, test=args.test,
+                    finetune=config_from_args(TrainConfig, args, base.finetune),
+                    sample=config_from_args(SampleConfig, args, base.sample, prefix="sample"),
+                    eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
+    report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    results = json.loads((report.parent / "results.json").read_text())
+    for r in results["results"]:
+        print(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
+              f"last {r['last_mean']:.2f} ± {r['last_std']:.2f}")
+    print(f"report: {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +212,55 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, finetune_defaults(), skip={"model", "stage"}, help=TRAIN_HELP)
     _add_run_folder_args(p, "runs/finetune")
     p.set_defaults(func=_cmd_finetune)
+
+    from .evaluate import EvalConfig
+    from .run import RunConfig
+    from .sample import SampleConfig
+
+    p = sub.add_parser("sample", help="sample IPC images per class from a DiT into a class-per-folder PNG set")
+    add_config_args(p, SampleConfig(), skip={"classes"}, help=SAMPLE_HELP)
+    p.add_argument("--classes", default=None, help="comma-separated label indices to sample (default: all)")
+    p.add_argument("--out", default="runs/sample", help="output image set folder (default: runs/sample)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("select", help="select IPC real images per class (random or herding baseline)")
+    p.add_argument("--method", default="random", help="random or herding (default: random)")
+    p.add_argument("--data", default="mnist5k", help=TRAIN_HELP["data"] + " (default: mnist5k)")
+    p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
+    p.add_argument("--resolution", type=int, default=None, help="image size of folder data (default: 256)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--ipc", type=int, default=10, help="images per class (default: 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/select", help="output image set folder (default: runs/select)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser("evaluate", help="train classifiers on an image set, test on real images")
+    p.add_argument("--train", required=True, help="image set folder (from sample or select)")
+    p.add_argument("--test", default="mnist5k", help="real test images: embedded name or folder (default: mnist5k)")
+    p.add_argument("--test-split", default="test", help="split of an embedded test set (default: test)")
+    p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
+    p.add_argument("--resolution", type=int, default=None, help="load test images at this size (default: the set's)")
+    add_config_args(p, EvalConfig(), help=EVAL_HELP)
+    p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    run_defaults = RunConfig()
+    p = sub.add_parser("run", help="the whole pipeline: fine-tune, sample, evaluate beside baselines, report",
+                       description="Fine-tune, sample, select baselines, evaluate and write a report. With no "
+                                   "arguments: the shipped mnist5k DiT, self-adaptive memory, IPC 10, ConvNet-3 "
+                                   "beside the random baseline. Sampling options are --sample-*, evaluation "
+                                   "options --eval-*, the rest are fine-tuning options.")
+    p.add_argument("--ipc", type=int, default=run_defaults.ipc, help=f"images per class (default: {run_defaults.ipc})")
+    p.add_argument("--baselines", default=run_defaults.baselines,
+                   help="comma-separated real baselines: random, herding, or '' (default: random)")
+    p.add_argument("--test", default=None, help="real test images (default: the embedded dataset's test split)")
+    add_config_args(p, run_defaults.finetune, skip={"model", "stage"}, help=TRAIN_HELP)
+    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "vae"}, help=SAMPLE_HELP, prefix="sample")
+    add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
+    _add_run_folder_args(p, "runs/run")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 

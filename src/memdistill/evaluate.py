@@ -1,7 +1,7 @@
 """Evaluation protocol (METHOD.md section 7): train a fresh classifier on a (distilled) train set with hard
 labels, test top-1 on real images; mean +- std over repeats with different seeds.
 
-This is the library core on tensors; loading folders and the command line live elsewhere.
+The core works on tensors; `evaluate_image_set` loads an image set and a real test set around it.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     cutmix_beta: float = 1.0  # 0 disables CutMix
-    flip: bool = True
+    flip: bool | None = None  # None: flip, except on the embedded digit sets (see with_default_flip)
     jitter: bool = True
     lighting: bool = True
     eval_every: int | None = None  # None -> about 10 checks over training, plus the last epoch
@@ -162,7 +163,7 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     train01 = resize_center_crop(((train_x.float() + 1) / 2).clamp(0, 1), size).to(device)
     test_ready = test_transform(((test_x.float() + 1) / 2).clamp(0, 1), size)
     train_y, test_y = train_y.long().to(device), test_y.long().cpu()
-    augment = TrainAugment(size=size, flip=config.flip, jitter=config.jitter, lighting=config.lighting)
+    augment = TrainAugment(size=size, flip=config.flip is not False, jitter=config.jitter, lighting=config.lighting)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -233,3 +234,39 @@ def format_table(results: dict | list[dict]) -> str:
         lines.append(f"| {label} | {r['net']} | {r['epochs']} | {len(r['per_repeat'])} | "
                      f"{r['best_mean']:.2f} ± {r['best_std']:.2f} | {r['last_mean']:.2f} ± {r['last_std']:.2f} |")
     return "\n".join(lines)
+
+
+# Digits are not mirror-symmetric: the protocol's horizontal flip would teach wrong labels on them.
+NO_FLIP_DATASETS = ("mnist5k", "digits")
+
+
+def with_default_flip(config: EvalConfig, test: str) -> EvalConfig:
+    """``flip=None`` means: flip unless the test set is an embedded digit set."""
+    if config.flip is not None:
+        return config
+    from dataclasses import replace
+
+    return replace(config, flip=test not in NO_FLIP_DATASETS)
+
+
+def evaluate_image_set(train_folder: str | Path, test: str, config: EvalConfig, test_split: str = "test",
+                       subset: str | None = None, resolution: int | None = None) -> dict:
+    """Train classifiers on the image set in ``train_folder`` and test them on the real ``test`` images
+    (an embedded dataset's split or a class-per-folder tree). Returns evaluate_repeats' dict plus where the
+    data came from."""
+    from .data import load_tensors, open_dataset
+    from .imageset import read_image_set
+
+    config = with_default_flip(config, test)
+    train_x, train_y, class_names, manifest = read_image_set(train_folder)
+    test_ds = open_dataset(test, test_split, subset=subset, resolution=resolution or train_x.shape[-1])
+    if list(test_ds.class_names) != list(class_names):
+        missing = sorted(set(class_names) ^ set(test_ds.class_names))
+        raise UserError(f"the classes of {train_folder} differ from the test set's {test}"
+                        + (f" (not in both: {', '.join(missing[:5])})" if missing else " (different order)"))
+    test_x, test_y = load_tensors(test_ds)
+    result = evaluate_repeats(train_x, train_y, test_x, test_y, len(class_names), config)
+    result.update(train=str(train_folder), test=f"{test}:{test_split}" if test in NO_FLIP_DATASETS else test,
+                  method=manifest.get("method"), ipc=manifest.get("ipc") or images_per_class(train_y),
+                  num_test=len(test_y))
+    return result

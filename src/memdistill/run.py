@@ -1,0 +1,159 @@
+"""`memdistill run`: fine-tune, sample, select real baselines, evaluate and report, in one command.
+
+Layout of the output folder:
+    finetune/            the fine-tuning run (resume state, metrics, export)
+    sets/<method>/       each evaluated image set (the distilled one and the real baselines)
+    eval/<method>.json   each set's evaluation
+    report.md, results.json, grid.png, accuracy.png
+A stage whose output is complete is not redone when the same command is run again with --resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .evaluate import NO_FLIP_DATASETS, EvalConfig, evaluate_image_set
+from .finetune import finetune, finetune_defaults
+from .manifest import write_json_atomic, write_manifest
+from .sample import SampleConfig, sample_set
+from .train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("random", "herding")
+
+
+@dataclass
+class RunConfig:
+    ipc: int = 10
+    baselines: str = "random"  # comma-separated real-data baselines evaluated beside the distilled set
+    test: str | None = None  # real test images: None = the embedded dataset's test split; else a folder
+    finetune: TrainConfig = field(default_factory=finetune_defaults)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=300, repeats=3))
+
+    def baseline_list(self) -> list[str]:
+        names = [b.strip() for b in self.baselines.split(",") if b.strip()]
+        bad = [b for b in names if b not in BASELINES]
+        if bad:
+            raise UserError(f"unknown baseline {bad[0]!r}; allowed: {', '.join(BASELINES)} (comma-separated)")
+        return names
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    from .baselines import select_real
+    from .data import open_dataset
+    from .imageset import read_image_set
+    from .reports import accuracy_plot, distilled_vs_real_grid, write_run_report
+
+    out = Path(out)
+    ft = cfg.finetune
+    if cfg.ipc < 1:
+        raise UserError(f"--ipc must be at least 1, got {cfg.ipc}")
+    baselines = cfg.baseline_list()
+    ft.validate()
+    cfg.sample.validate()
+    cfg.eval.validate()
+    embedded = ft.data in NO_FLIP_DATASETS
+    if cfg.test is None and not embedded:
+        raise UserError(f"--test is required for folder data ({ft.data}): a folder of real test images, e.g. the "
+                        "ImageNet val images of the subset")
+    test = cfg.test or ft.data
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The train set is checked up front so a bad IPC fails before minutes of fine-tuning.
+    train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images)
+    counts = [int((train_ds.targets == c).sum()) for c in range(train_ds.num_classes)]
+    if baselines and cfg.ipc > min(counts):
+        c = counts.index(min(counts))
+        raise UserError(f"--ipc {cfg.ipc} exceeds the {min(counts)} real images of class "
+                        f"{train_ds.class_names[c]!r} that the baselines draw from")
+
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = time.perf_counter() - t0
+        return result
+
+    # 1. fine-tune
+    ft_dir = out / "finetune"
+    if _complete(ft_dir):
+        log.info("fine-tuning already complete in %s", ft_dir)
+    else:
+        timed("finetune", finetune, ft, ft_dir, resume=(ft_dir / "checkpoints" / "last.pt").exists(),
+              overwrite=True)
+
+    # 2. sample the distilled set, select the real baselines
+    sets: dict[str, Path] = {}
+    method = ft.memory if ft.memory != "none" else "finetuned"
+    sets[method] = out / "sets" / method
+    if not _complete(sets[method]):
+        sample_cfg = dataclasses.replace(cfg.sample, model=str(ft_dir), ipc=cfg.ipc)
+        timed("sample", sample_set, sample_cfg, sets[method], overwrite=True)
+    for name in baselines:
+        sets[name] = out / "sets" / name
+        if not _complete(sets[name]):
+            timed(f"select {name}", select_real, name, train_ds, cfg.ipc, cfg.eval.seed, sets[name], overwrite=True)
+
+    # 3. evaluate every set with the same protocol
+    eval_cfg = cfg.eval
+    results = []
+    for name, folder in sets.items():
+        path = out / "eval" / f"{name}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+        else:
+            result = timed(f"evaluate {name}", evaluate_image_set, folder, test, eval_cfg,
+                           subset=ft.subset, resolution=None)
+            write_json_atomic(path, result)
+        result["method"] = name
+        results.append(result)
+
+    # 4. report
+    images, labels, class_names, _ = read_image_set(sets[method])
+    real_images = [train_ds[i][0] for c in range(len(class_names))
+                   for i in (train_ds.targets == c).nonzero().flatten()[:8].tolist()]
+    real_labels = [c for c in range(len(class_names)) for _ in range(min(8, counts[c]))]
+    import torch
+
+    grid = distilled_vs_real_grid(images, labels, torch.stack(real_images), torch.tensor(real_labels),
+                                  len(class_names))
+    grid.save(out / "grid.png")
+    accuracy_plot(results, out / "accuracy.png",
+                  title=f"{ft.data}, IPC {cfg.ipc}, {eval_cfg.net}, {eval_cfg.repeats} repeats")
+    summary = [{k: r[k] for k in ("method", "ipc", "net", "best_mean", "best_std", "last_mean", "last_std",
+                                  "per_repeat", "epochs")} for r in results]
+    write_json_atomic(out / "results.json", {"results": summary, "timings": timings})
+    settings = {"data": ft.data, "subset": ft.subset, "test": test, "ipc": cfg.ipc, "memory": ft.memory,
+                "init": ft.init, "finetune_steps": ft.steps, "lambda_real": ft.lambda_real,
+                "lambda_gen": ft.lambda_gen, "mem_real": ft.mem_real, "mem_gen": ft.mem_gen,
+                "net": eval_cfg.net, "repeats": eval_cfg.repeats, "eval_epochs": summary[0]["epochs"],
+                "cfg_scale": cfg.sample.cfg_scale, "sample_steps": cfg.sample.steps, "seed": ft.seed}
+    notes = []
+    if timings.keys() != {"finetune", "sample", *(f"select {b}" for b in baselines),
+                          *(f"evaluate {m}" for m in sets)}:
+        notes.append("Some stages were complete from an earlier invocation and were not timed again.")
+    if eval_cfg.epochs is not None:
+        notes.append(f"Evaluation trained for {eval_cfg.epochs} epochs (the protocol's IPC table would use more); "
+                     "pass --eval-epochs none for the full protocol.")
+    report = write_run_report(out, settings, summary, timings, "grid.png", "accuracy.png", notes)
+    write_manifest(out, "run", {"ipc": cfg.ipc, "baselines": baselines, "test": test,
+                                "finetune": dataclasses.asdict(ft), "sample": dataclasses.asdict(cfg.sample),
+                                "eval": dataclasses.asdict(eval_cfg)}, report="report.md")
+    return report
