@@ -83,6 +83,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
         raise UserError(f"--ipc {cfg.ipc} exceeds the {min(counts)} real images of class "
                         f"{train_ds.class_names[c]!r} that the baselines draw from")
 
+    # Likewise the evaluation net (name, and depth against the image size).
+    from .nets import build_net
+
+    build_net(cfg.eval.net, train_ds.num_classes, train_ds.channels, cfg.eval.image_size or train_ds.resolution,
+              cfg.eval.norm)
+
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args, **kwargs):

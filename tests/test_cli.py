@@ -1,0 +1,134 @@
+"""The command line end to end on a tiny setting (digits, a micro DiT), and its bad-input contract:
+one line on stderr and exit code 2."""
+
+import json
+
+import pytest
+import torch
+
+from memdistill.cli import main
+from memdistill.models.dit import build_dit
+from memdistill.models.io import save_export
+
+DIGITS = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 'pretrained' micro DiT for the 8x8 digits (random weights: the pipeline, not quality, is tested)."""
+    torch.manual_seed(0)
+    model = build_dit("DiT-Micro/2", input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(torch.randn(p.shape) * 0.05)
+    folder = tmp_path_factory.mktemp("model") / "export"
+    save_export(folder, model, {"class_names": DIGITS, "cond_labels": list(range(10)), "codec": {"name": "pixel"},
+                                "image_shape": [1, 8, 8], "latent_shape": [1, 8, 8], "stage": "pretrain"})
+    return folder
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def fails_with(capsys, *args, match: str):
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and match in err[0], err
+    assert "Traceback" not in err[0]
+
+
+TINY_RUN = ["--data", "digits", "--steps", "6", "--batch-size", "8", "--ipc", "2", "--sample-steps", "4",
+            "--eval-net", "convnet1", "--eval-epochs", "2", "--eval-repeats", "2", "--no-progress"]
+
+
+def test_run_end_to_end_writes_a_report(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--baselines", "random,herding", "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "adaptive" in printed
+    for name in ("report.md", "results.json", "grid.png", "accuracy.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    methods = [r["method"] for r in results["results"]]
+    assert methods == ["adaptive", "random", "herding"]
+    for r in results["results"]:
+        assert r["ipc"] == 2 and len(r["per_repeat"]) == 2 and 0 <= r["best_mean"] <= 100
+    report = (out / "report.md").read_text()
+    assert "| adaptive | 2 | convnet1 |" in report and "![accuracy per method](accuracy.png)" in report
+    for c in DIGITS:
+        assert len(list((out / "sets" / "adaptive" / c).glob("*.png"))) == 2
+
+    # Run again with --resume: every stage is complete, nothing is redone, same results.
+    before = (out / "eval" / "adaptive.json").stat().st_mtime_ns
+    assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--baselines", "random,herding", "--out", out,
+                   "--resume") == 0
+    assert (out / "eval" / "adaptive.json").stat().st_mtime_ns == before
+    # Without --resume or --overwrite the folder is protected.
+    fails_with(capsys, "run", "--init", tiny_model, *TINY_RUN, "--out", out, match="already holds a run")
+
+
+def test_stages_separately(tiny_model, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    assert run_cli("finetune", "--init", tiny_model, "--data", "digits", "--steps", "4", "--memory", "fifo",
+                   "--no-progress", "--out", ft) == 0
+    assert run_cli("sample", "--model", ft, "--ipc", "3", "--steps", "4", "--out", tmp_path / "set",
+                   "--classes", "0,5") == 0
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["0", "5", "manifest.json"]
+    assert run_cli("select", "--data", "digits", "--method", "herding", "--ipc", "3", "--out", tmp_path / "sel") == 0
+    assert run_cli("evaluate", "--train", tmp_path / "sel", "--test", "digits", "--net", "convnet1", "--epochs", "2",
+                   "--repeats", "1", "--out", tmp_path / "ev") == 0
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["method"] == "herding" and result["ipc"] == 3 and result["config"]["flip"] is False
+
+
+def test_pretrain_and_resume(tmp_path):
+    out = tmp_path / "pt"
+    common = ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--batch-size", "16", "--checkpoint-every",
+              "3", "--no-progress", "--out", out]
+    assert run_cli(*common, "--steps", "3") == 0
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["steps"] == 3
+    # Extending a finished run: --resume with more steps continues from step 3.
+    assert run_cli(*common, "--steps", "6", "--resume") == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 6
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 6
+
+
+@pytest.mark.parametrize("args, match", [
+    (["run", "--ipc", "0"], "--ipc must be at least 1"),
+    (["run", "--data", "digits", "--ipc", "1000"], "exceeds the"),
+    (["run", "--eval-net", "vgg11"], "vgg11"),
+    (["run", "--baselines", "kmeans"], "kmeans"),
+    (["run", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["evaluate", "--train", "/nonexistent/set"], "/nonexistent/set"),
+    (["select", "--data", "digits", "--ipc", "0"], "ipc"),
+    (["sample", "--model", "/no/such/model"], "/no/such/model"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, match):
+    if args[0] == "run":
+        args = args + ["--out", str(tmp_path / "r")]
+    fails_with(capsys, *args, match=match)
+
+
+def test_evaluate_rejects_bad_image_sets(tmp_path, capsys):
+    assert run_cli("select", "--data", "digits", "--ipc", "2", "--out", tmp_path / "sel") == 0
+    # classes differ from the test set's
+    fails_with(capsys, "evaluate", "--train", tmp_path / "sel", "--test", "mnist5k", "--subset", str(_subset(tmp_path)),
+               match="differ")
+    # no manifest
+    (tmp_path / "nomanifest" / "0").mkdir(parents=True)
+    fails_with(capsys, "evaluate", "--train", tmp_path / "nomanifest", "--test", "digits", match="manifest")
+    # a corrupt image in an otherwise complete set
+    victim = next((tmp_path / "sel" / "3").glob("*.png"))
+    victim.write_bytes(b"not a png")
+    fails_with(capsys, "evaluate", "--train", tmp_path / "sel", "--test", "digits", match=victim.name)
+
+
+def _subset(tmp_path):
+    path = tmp_path / "three.txt"
+    path.write_text("0\n1\n2\n")
+    return path
