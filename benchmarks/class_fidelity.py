@@ -79,7 +79,8 @@ def main() -> None:
     for start in range(0, len(jobs), 250):
         part = jobs[start:start + 250]
         gens = [image_generator(args.seed, c, i) for c, i in part]
-        samples.append(diffusion.sample(fn, (1, 28, 28), labels[start:start + 250], gens, steps=args.steps))
+        samples.append(diffusion.sample(fn, (1, 28, 28), labels[start:start + 250], gens, steps=args.steps,
+                                        clip_x0=True))
     x = torch.cat(samples).clamp(-1, 1)
     elapsed = time.perf_counter() - t0
     with torch.no_grad():

@@ -130,3 +130,23 @@ def test_unknown_sampler_is_a_user_error():
     d = GaussianDiffusion()
     with pytest.raises(UserError, match="ddpm"):
         d.sample(lambda x, t, y: x, (1, 2, 2), torch.zeros(1, dtype=torch.long), [torch.Generator()], sampler="euler")
+
+
+def test_clip_x0_keeps_pixel_predictions_in_range():
+    d = GaussianDiffusion()
+    s = d.respaced(10)
+
+    def wild(x, t, y):  # an eps that implies x0 far outside [-1, 1]
+        return torch.cat([torch.full_like(x, -3.0), torch.zeros_like(x)], 1)
+
+    x = torch.zeros(2, 1, 2, 2)
+    i = torch.tensor([9, 5])
+    out = wild(x, s.timesteps[i], None)
+    _, _, x0, _ = d.p_mean_variance(s, out, x, i)
+    _, _, x0c, epsc = d.p_mean_variance(s, out, x, i, clip_x0=True)
+    assert x0.abs().max() > 1.5 and x0c.abs().max() <= 1.0
+    # the eps used downstream agrees with the clipped x0
+    assert torch.allclose(d.predict_x0(x, i, epsc, s), x0c, atol=1e-5)
+    y = d.sample(wild, (1, 2, 2), torch.zeros(2, dtype=torch.long), [image_generator(0, 0, k) for k in range(2)],
+                 steps=10, sampler="ddim", clip_x0=True)
+    assert y.abs().max() <= 1.0 + 1e-5

@@ -124,8 +124,10 @@ class GaussianDiffusion:
         mean = _gather(s.posterior_mean_coef1, i, x_t) * x0 + _gather(s.posterior_mean_coef2, i, x_t) * x_t
         return mean, _gather(s.posterior_log_variance_clipped, i, x_t)
 
-    def p_mean_variance(self, s: Schedule, output: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor):
-        """Mean, log-variance and predicted x0 of p(x_{i-1} | x_i) from the network output at step index i."""
+    def p_mean_variance(self, s: Schedule, output: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor,
+                        clip_x0: bool = False):
+        """Mean, log-variance and predicted x0 of p(x_{i-1} | x_i) from the network output at step index i.
+        ``clip_x0`` clamps the predicted x0 to [-1, 1]: right for pixels, wrong for VAE latents."""
         c = x_t.shape[1]
         eps = output[:, :c]
         if output.shape[1] == 2 * c:
@@ -141,8 +143,15 @@ class GaussianDiffusion:
         else:
             raise ValueError(f"model output has {output.shape[1]} channels, expected {c} or {2 * c}")
         x0 = self.predict_x0(x_t, i, eps, s)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = self._eps_from_x0(s, x_t, i, x0)
         mean, _ = self._posterior(s, x0, x_t, i)
         return mean, log_var, x0, eps
+
+    def _eps_from_x0(self, s: Schedule, x_t, i, x0):
+        abar = _gather(s.alphas_cumprod, i, x_t)
+        return (x_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
 
     # ----- training --------------------------------------------------------------------------------
     def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
@@ -185,8 +194,8 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, shape: Sequence[int], y: torch.Tensor,
                generators: Sequence[torch.Generator], steps: int = 50, sampler: str = "ddpm", eta: float = 0.0,
-               device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-        """Generate ``len(y)`` samples of per-image ``shape``.
+               device: torch.device | str = "cpu", progress: bool = False, clip_x0: bool = False) -> torch.Tensor:
+        """Generate ``len(y)`` samples of per-image ``shape``. ``clip_x0``: see ``p_mean_variance``.
 
         Every image draws all of its noise from its own generator, so an image depends only on its
         generator's seed and label, never on the batch it happens to be in.
@@ -206,7 +215,7 @@ class GaussianDiffusion:
             idx = torch.full((len(y),), i, dtype=torch.long, device=device)
             t = s.timesteps.to(device)[idx]
             out = model_fn(x, t, y)
-            mean, log_var, x0, eps = self.p_mean_variance(s, out, x, idx)
+            mean, log_var, x0, eps = self.p_mean_variance(s, out, x, idx, clip_x0=clip_x0)
             if sampler == "ddpm":
                 x = mean + (torch.exp(0.5 * log_var) * noise_like() if i > 0 else 0.0)
             else:

@@ -97,7 +97,8 @@ class Sampler:
         y = torch.tensor([self.cond_labels[c] for c, _ in jobs], dtype=torch.long)
         gens = [image_generator(cfg.seed, c, i) for c, i in jobs]
         z = diffusion.sample(fn, self.latent_shape, y, gens, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
-                             device=self.device, progress=progress)  # (N, *latent_shape)
+                             device=self.device, progress=progress,
+                             clip_x0=self.codec.name == "pixel")  # (N, *latent_shape); pixels live in [-1, 1]
         return self.codec.decode(z).float().cpu()
 
 
