@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
     _add_run_folder_args(p, "runs/run")
     p.set_defaults(func=_cmd_run)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,162 @@
+"""`memdistill bench` on a tiny grid (digits, a micro DiT): outputs, resume of one cell, table layout, sweep."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from memdistill import bench
+from memdistill.bench import accuracy_table, add_bench_parser, tied_best
+from memdistill.errors import UserError
+from memdistill.imageset import read_image_set
+from memdistill.models.dit import build_dit
+from memdistill.models.io import save_export
+
+DIGITS = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 'pretrained' micro DiT for the 8x8 digits (random weights: the bench, not quality, is tested)."""
+    torch.manual_seed(0)
+    model = build_dit("DiT-Micro/2", input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(torch.randn(p.shape) * 0.05)
+    folder = tmp_path_factory.mktemp("model") / "export"
+    save_export(folder, model, {"class_names": DIGITS, "cond_labels": list(range(10)), "codec": {"name": "pixel"},
+                                "image_shape": [1, 8, 8], "latent_shape": [1, 8, 8], "stage": "pretrain"})
+    return folder
+
+
+TINY = ["--data", "digits", "--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--no-progress",
+        "--sample-steps", "3", "--eval-epochs", "2", "--feature-net", "convnet1", "--feature-epochs", "1",
+        "--nets", "convnet1", "--repeats", "2"]
+
+
+def bench_cli(*args):
+    parser = argparse.ArgumentParser(prog="memdistill")
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(["bench", *map(str, args)])
+    parsed.func(parsed)
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    calls = {"evaluate": [], "finetune": []}
+    real_eval, real_ft = bench.evaluate_image_set, bench.finetune
+
+    def evaluate(folder, *a, **kw):
+        calls["evaluate"].append(str(folder))
+        return real_eval(folder, *a, **kw)
+
+    def finetune(cfg, out, *a, **kw):
+        calls["finetune"].append((cfg.memory, str(out)))
+        return real_ft(cfg, out, *a, **kw)
+
+    monkeypatch.setattr(bench, "evaluate_image_set", evaluate)
+    monkeypatch.setattr(bench, "finetune", finetune)
+    return calls
+
+
+def test_bench_grid_and_resume_of_one_cell(tiny_model, tmp_path, counters, capsys):
+    out = tmp_path / "bench"
+    common = ["--init", tiny_model, *TINY, "--methods", "random,dit,adaptive", "--ipcs", "1,2", "--out", out]
+    bench_cli(*common)
+    assert "| IPC | net | Random | DiT | Adaptive |" in capsys.readouterr().out
+    for name in ("bench.json", "bench.md", "accuracy_vs_ipc.png", "features/extractor.pt", "timings.json"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "bench.json").read_text())
+    assert [(c["method"], c["ipc"], c["net"]) for c in result["cells"]] == [
+        (m, k, "convnet1") for k in (1, 2) for m in ("random", "dit", "adaptive")]
+    for c in result["cells"]:
+        assert len(c["per_repeat"]) == 2 and c["epochs"] == 2 and 0 <= c["best_mean"] <= 100
+    assert len(list((out / "cells").glob("*.json"))) == 6
+    # Only the adaptive model was fine-tuned (dit samples the init model), once, for both IPCs.
+    assert counters["finetune"] == [("adaptive", str(out / "models" / "adaptive"))]
+    assert len(counters["evaluate"]) == 6
+    # Metrics: IPC 1 has no within-class pair; coverage is a fraction.
+    metrics = {(r["method"], r["ipc"]): r for r in result["metrics"]}
+    assert metrics["random", 1]["diversity"] is None and 0 < metrics["random", 2]["diversity"] <= 2
+    assert all(0.0 <= r["coverage"] <= 1.0 for r in result["metrics"])
+    assert {"finetune adaptive", "sample adaptive-ipc2", "select random-ipc2"} <= set(result["timings"])
+
+    # Smaller IPCs are per-class prefixes of the largest: image 0 of each class is the same in both sets.
+    for method in ("random", "dit", "adaptive"):
+        x1, y1, _, _ = read_image_set(out / "sets" / f"{method}-ipc1")
+        x2, y2, _, _ = read_image_set(out / "sets" / f"{method}-ipc2")
+        assert torch.equal(x1, x2[::2]) and torch.equal(y1, y2[::2])
+
+    report = (out / "bench.md").read_text()
+    assert "| IPC | net | Random | DiT | Adaptive |" in report and "2 repeats" in report
+    assert "trained for 2 epochs" in report and "--eval-epochs 2" in report and "Coverage" in report
+    assert "![accuracy against IPC](accuracy_vs_ipc.png)" in report
+
+    # Interrupt: one cell and the report are lost. The rerun evaluates only that cell, trains nothing.
+    victim = out / "cells" / "dit-ipc2-convnet1.json"
+    kept = (out / "cells" / "adaptive-ipc1-convnet1.json").stat().st_mtime_ns
+    victim.unlink()
+    (out / "bench.md").unlink()
+    counters["evaluate"].clear()
+    counters["finetune"].clear()
+    bench_cli(*common, "--resume")
+    assert counters["evaluate"] == [str(out / "sets" / "dit-ipc2")]
+    assert counters["finetune"] == []
+    assert victim.is_file() and (out / "bench.md").is_file()
+    assert (out / "cells" / "adaptive-ipc1-convnet1.json").stat().st_mtime_ns == kept
+    assert json.loads((out / "bench.json").read_text())["cells"][4]["method"] == "dit"
+
+    # Protection of the folder and of the settings a resume depends on.
+    with pytest.raises(UserError, match="already holds a bench"):
+        bench_cli(*common)
+    with pytest.raises(UserError, match="finetune.steps: 4 -> 5"):
+        bench_cli(*common, "--resume", "--steps", "5")
+
+
+def test_table_layout_and_tie_rule():
+    cells = [{"method": m, "ipc": 10, "net": "convnet6", "best_mean": mean, "best_std": std}
+             for m, mean, std in (("random", 40.0, 1.0), ("dit", 48.5, 0.4), ("minimax", 47.0, 1.0),
+                                  ("adaptive", 50.0, 2.0))]
+    cells += [{"method": m, "ipc": 50, "net": "convnet6", "best_mean": mean, "best_std": 0.5}
+              for m, mean in (("random", 55.0), ("dit", 56.0), ("minimax", 60.0), ("adaptive", 59.6))]
+    table = accuracy_table(cells, ["random", "dit", "minimax", "adaptive"], [10, 50], ["convnet6"])
+    lines = table.splitlines()
+    assert lines[0] == "| IPC | net | Random | DiT | Minimax | Adaptive |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    # Best 50.0 ± 2.0: 48.5 is within 2 of it (tie, bold), 47.0 is not, nor 40.0.
+    assert lines[2] == "| 10 | convnet6 | 40.00 ± 1.00 | **48.50 ± 0.40** | 47.00 ± 1.00 | **50.00 ± 2.00** |"
+    assert lines[3] == "| 50 | convnet6 | 55.00 ± 0.50 | 56.00 ± 0.50 | **60.00 ± 0.50** | **59.60 ± 0.50** |"
+    assert tied_best({"a": (10.0, 0.0), "b": (9.99, 5.0)}) == {"a"}  # the best's std decides, not the other's
+    # A missing cell is shown as a dash, not invented.
+    assert accuracy_table(cells[:1], ["random", "dit"], [10], ["convnet6"]).splitlines()[2] == \
+        "| 10 | convnet6 | **40.00 ± 1.00** | – |"
+
+
+def test_sweep_runs_on_two_values(tiny_model, tmp_path, counters):
+    out = tmp_path / "sweep"
+    bench_cli("--init", tiny_model, *TINY, "--sweep", "--sweep-ipc", "2", "--sweep-lambda-real", "0,0.002",
+              "--sweep-lambda-gen", "", "--sweep-memory", "", "--no-metrics", "--out", out)
+    result = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert [(p["parameter"], p["value"], p["default"]) for p in result["points"]] == [
+        ("lambda_real", 0.0, False), ("lambda_real", 0.002, True)]
+    # The default point is the bench's adaptive model; the other has its own run.
+    assert counters["finetune"] == [("adaptive", str(out / "sweep" / "models" / "lambda_real-0")),
+                                    ("adaptive", str(out / "models" / "adaptive"))]
+    assert (out / "sweep" / "lambda_real.png").is_file()
+    report = (out / "sweep" / "sweep.md").read_text()
+    assert "| lambda_real (representativeness weight) | top-1 (%) | last (%) |" in report
+    assert "| 0.002 (default) |" in report
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "random,gan"], "gan"),
+    (["--ipcs", "1,x"], "--ipcs"),
+    (["--nets", "vgg11"], "vgg11"),
+    (["--ipcs", "5000", "--methods", "random"], "exceeds"),
+    (["--sweep", "--sweep-lambda-real", "", "--sweep-lambda-gen", "", "--sweep-memory", ""], "no points"),
+])
+def test_bad_input(tiny_model, tmp_path, args, match):
+    with pytest.raises(UserError, match=match):
+        bench_cli("--init", tiny_model, *TINY, *args, "--out", tmp_path / "b")
