@@ -10,25 +10,7 @@ from memdistill import bench
 from memdistill.bench import accuracy_table, add_bench_parser, tied_best
 from memdistill.errors import UserError
 from memdistill.imageset import read_image_set
-from memdistill.models.dit import build_dit
-from memdistill.models.io import save_export
 
-DIGITS = [str(i) for i in range(10)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 'pretrained' micro DiT for the 8x8 digits (random weights: the bench, not quality, is tested)."""
-    torch.manual_seed(0)
-    model = build_dit("DiT-Micro/2", input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn(p.shape) * 0.05)
-    folder = tmp_path_factory.mktemp("model") / "export"
-    save_export(folder, model, {"class_names": DIGITS, "cond_labels": list(range(10)), "codec": {"name": "pixel"},
-                                "image_shape": [1, 8, 8], "latent_shape": [1, 8, 8], "stage": "pretrain"})
-    return folder
 
 
 TINY = ["--data", "digits", "--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--no-progress",

@@ -7,25 +7,8 @@ import pytest
 import torch
 
 from memdistill.cli import main
-from memdistill.models.dit import build_dit
-from memdistill.models.io import save_export
 
-DIGITS = [str(i) for i in range(10)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 'pretrained' micro DiT for the 8x8 digits (random weights: the pipeline, not quality, is tested)."""
-    torch.manual_seed(0)
-    model = build_dit("DiT-Micro/2", input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn(p.shape) * 0.05)
-    folder = tmp_path_factory.mktemp("model") / "export"
-    save_export(folder, model, {"class_names": DIGITS, "cond_labels": list(range(10)), "codec": {"name": "pixel"},
-                                "image_shape": [1, 8, 8], "latent_shape": [1, 8, 8], "stage": "pretrain"})
-    return folder
+from conftest import DIGITS
 
 
 def run_cli(*args):

@@ -9,15 +9,6 @@ from memdistill.evaluate import (EvalConfig, epochs_for_ipc, evaluate_repeats, f
                                  images_per_class, lr_at, lr_milestones, resolved_epochs, train_and_test)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machines are shared: one thread avoids oversubscription slow-downs (measured 5-20x).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """sklearn digits as 1x8x8 images in [-1, 1]: 30 train and 40 test images per class."""

@@ -8,15 +8,6 @@ from memdistill.nets import build_net
 NORMS = ["instance", "batch"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machines are shared: one thread avoids oversubscription slow-downs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _forward(net, channels, size, batch=2):
     torch.manual_seed(0)
     with torch.no_grad():

@@ -27,15 +27,6 @@ def make_export(folder, null_class=True, seed=0):
                                        "image_shape": [1, 8, 8], "latent_shape": [1, 8, 8], "stage": "pretrain"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Micro-sized forwards on a shared 2-core machine: two threads mostly wait on each other (100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     return make_export(tmp_path_factory.mktemp("model") / "export")

@@ -556,7 +556,6 @@ def _timings_table(timings: dict[str, float]) -> str:
 
 
 def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Path:
-    from .reports import markdown_table
 
     cfg, out = bench.cfg, bench.out
     ft = cfg.finetune
