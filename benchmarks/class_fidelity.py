@@ -31,18 +31,18 @@ def load_model(spec: str):
     if path.suffix == ".pt" and path.is_file():  # an in-progress run: take the EMA of its resume state
         state = torch.load(path, map_location="cpu", weights_only=False)
         cfg = state["config"]
-        model = build_dit(cfg["model"], input_size=28, in_channels=1, num_classes=10)
+        model = build_dit(cfg["model"], input_size=cfg["resolution"] or 28, in_channels=1, num_classes=10)
         model.load_state_dict(state["model" if raw else "ema"])
         return model.eval(), f"{spec} (step {state['step']})"
     return load_dit(resolve_model(spec)).eval(), spec
 
 
-def train_classifier(seed: int = 0, epochs: int = 8):
+def train_classifier(size: int, seed: int = 0, epochs: int = 8):
     """ConvNet-3 on the real train split, plain Adam, no augmentation: a judge, not a benchmark."""
     torch.manual_seed(seed)
-    x, y = load_tensors(open_dataset("mnist5k", "train"))
-    tx, ty = load_tensors(open_dataset("mnist5k", "test"))
-    net = build_net("convnet3", 10, 1, 28)
+    x, y = load_tensors(open_dataset("mnist5k", "train", resolution=size))
+    tx, ty = load_tensors(open_dataset("mnist5k", "test", resolution=size))
+    net = build_net("convnet3", 10, 1, size)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -69,7 +69,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
 
     model, name = load_model(args.model)
-    judge, judge_acc = train_classifier()
+    size = model.config.input_size
+    judge, judge_acc = train_classifier(size)
     diffusion = GaussianDiffusion()
     t0 = time.perf_counter()
     jobs = [(c, i) for c in range(10) for i in range(args.per_class)]
@@ -79,7 +80,7 @@ def main() -> None:
     for start in range(0, len(jobs), 250):
         part = jobs[start:start + 250]
         gens = [image_generator(args.seed, c, i) for c, i in part]
-        samples.append(diffusion.sample(fn, (1, 28, 28), labels[start:start + 250], gens, steps=args.steps,
+        samples.append(diffusion.sample(fn, (1, size, size), labels[start:start + 250], gens, steps=args.steps,
                                         clip_x0=True))
     x = torch.cat(samples).clamp(-1, 1)
     elapsed = time.perf_counter() - t0
@@ -88,7 +89,7 @@ def main() -> None:
     fidelity = (pred == labels).float().mean().item() * 100
     per_class = [(pred[labels == c] == c).float().mean().item() * 100 for c in range(10)]
     print(f"model: {name}")
-    print(f"judge: ConvNet-3 trained on mnist5k train, {judge_acc:.1f}% on the mnist5k test split")
+    print(f"judge: ConvNet-3 trained on mnist5k train at {size} px, {judge_acc:.1f}% on the mnist5k test split")
     print(f"samples: {len(x)} ({args.per_class} per class), guidance {args.cfg_scale}, {args.steps} DDPM steps, "
           f"{elapsed:.0f} s")
     print(f"class fidelity: {fidelity:.1f}%  per class: " + " ".join(f"{v:.0f}" for v in per_class))
