@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from memdistill.memory import ClassMemories
+from memdistill.memory import COS_EPS, ClassMemories
 
 
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, eps: float = COS_EPS) -> torch.Tensor:
+    """Flattened rows of x (N, ...) divided by their norm clamped at eps -> (N, d)."""
+    x = x.reshape(x.shape[0], -1)  # (N, d)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = COS_EPS) -> torch.Tensor:
     """Cosines between the flattened rows of a (Na, ...) and b (Nb, ...) -> (Na, Nb).
 
     Norms are clamped at eps so zero rows give 0 instead of NaN (and finite gradients).
@@ -16,9 +22,7 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
     b = b.reshape(b.shape[0], -1).to(dtype=a.dtype, device=a.device)  # (Nb, d)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"cannot compare rows of {a.shape[1]} and {b.shape[1]} elements")
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(eps)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(eps)
-    return a @ b.T
+    return unit_rows(a, eps) @ unit_rows(b, eps).T
 
 
 def _check_memory(memory: torch.Tensor, name: str) -> torch.Tensor:
@@ -66,31 +70,61 @@ def memory_loss(
     """
     if labels.shape[0] != pred_x0.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {pred_x0.shape[0]} predictions")
-    classes = torch.unique(labels).tolist()  # sorted: fixes the order the defect depends on
-    total = pred_x0.new_zeros(())
-    running = pred_x0.new_zeros(())
+    # One stable sort makes each class a contiguous run of rows; classes come out ascending, which
+    # fixes the order the defect depends on. Rows normalise independently, so normalising the whole
+    # batch once gives every class exactly the rows `cosine_matrix` would.
+    classes, counts = torch.unique(labels, return_counts=True)
+    order = torch.argsort(labels, stable=True)
+    pred_rows = unit_rows(pred_x0.index_select(0, order))  # (N, d), grouped by class
+    rows = pred_rows.detach()
+    # A class term is an extreme over its (B_c x K) cosines, and its gradient flows through the one
+    # pair that attains it. So the extremes (and the totals, by the same float ops as the per-class
+    # formula) are computed without autograd, and the gradient comes from recomputing only the chosen
+    # pairs in one batched op: a per-class autograd graph costs more than the arithmetic.
+    total = rows.new_zeros(())
+    running = rows.new_zeros(())
     real_values: list[float] = []
     gen_values: list[float] = []
-    for c in classes:
-        gen_mem = memories.gen(c).tensor()
-        if gen_mem.shape[0] == 0:
+    picks: list[list[tuple[int, torch.Tensor, float]]] = []  # per contributing class: (row of pred_rows,
+    # memory row (1, d), d term / d cos) for its diversity pair and, if any, its representativeness pair
+    start = 0
+    for c, n in zip(classes.tolist(), counts.tolist()):
+        first, start = start, start + n
+        gen_bank, real_bank = memories.gen(c), memories.real(c)
+        if len(gen_bank) == 0:
             continue
-        pred_c = pred_x0[labels == c]  # (B_c, ...)
-        l_gen = diversity_loss(pred_c, gen_mem)
+        class_picks = []
+        # Memories are constant targets: their normalised rows come cached from the bank, detached.
+        mem = gen_bank.unit_rows(rows.dtype, rows.device)  # (K_g, d)
+        l_gen, at = (rows[first:start] @ mem.T).view(-1).max(0)  # max cos over (B_c, K_g)
+        class_picks.append((first + int(at) // len(mem), mem[int(at) % len(mem)][None], lambda_gen))
         term = lambda_gen * l_gen
-        gen_values.append(float(l_gen.detach()))
-        real_mem = memories.real(c).tensor()
-        if real_mem.shape[0] > 0:
-            l_real = representativeness_loss(pred_c, real_mem)
+        gen_values.append(float(l_gen))
+        if len(real_bank) > 0:
+            mem = real_bank.unit_rows(rows.dtype, rows.device)  # (K_r, d)
+            low, at = (rows[first:start] @ mem.T).view(-1).min(0)
+            l_real = 1 - low
+            class_picks.append((first + int(at) // len(mem), mem[int(at) % len(mem)][None], -lambda_real))
             term = term + lambda_real * l_real
-            real_values.append(float(l_real.detach()))
+            real_values.append(float(l_real))
         running = running + term
         if repeat_defect:
             total = total + running
+        picks.append(class_picks)
     if not repeat_defect:
         total = running
-    if gen_values:
+    if picks:
         total = total / len(classes)
+        # The same total as a function of the chosen pairs: the j-th of m contributing classes counts
+        # once, or m - j + 1 times with the defect (its term is in every later running sum).
+        m = len(picks)
+        pairs = [(i, row, d * ((m - j) if repeat_defect else 1) / len(classes))
+                 for j, class_picks in enumerate(picks) for i, row, d in class_picks]
+        idx = torch.tensor([i for i, _, _ in pairs], device=rows.device)
+        coef = torch.tensor([d for _, _, d in pairs], dtype=rows.dtype, device=rows.device)
+        cos = (pred_rows.index_select(0, idx) * torch.cat([row for _, row, _ in pairs])).sum(dim=1)  # (P,)
+        live = (coef * cos).sum()
+        total = total + (live - live.detach())  # the value above, exactly; the gradient of the pairs
     parts = {
         "real": sum(real_values) / len(real_values) if real_values else 0.0,
         "gen": sum(gen_values) / len(gen_values) if gen_values else 0.0,

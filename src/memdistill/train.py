@@ -212,7 +212,6 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                  resume: bool = False, overwrite: bool = False, export_extra: dict | None = None) -> Path:
     """Train ``model`` on ``data`` per ``cfg``; returns the export folder. ``model`` must already hold its
     starting weights and trainable flags."""
-    from .models.dit import dit_config
     from .models.io import save_export
 
     cfg.validate()
@@ -304,10 +303,17 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             ema_update(ema, model, cfg.ema_decay)
             done = step + 1
             dt = time.perf_counter() - t0
-            if metrics_file is not None and (done % cfg.log_every == 0 or done == steps):
-                row = {"step": done, "loss": loss.item(), "diffusion": terms["loss"].mean().item(),
-                       "mse": terms["mse"].mean().item(), "vb": terms["vb"].mean().item(), **parts,
-                       "step_time": dt}
+            if (log_now := done % cfg.log_every == 0 or done == steps):
+                # Under DDP each rank holds the diffusion terms of its own slice (and `loss` carries the
+                # world-scaled memory term): log the global batch's values, as one process would.
+                logged = torch.stack([terms[k].detach().mean() for k in ("loss", "mse", "vb")])
+                if world > 1:
+                    dist.all_reduce(logged)
+                    logged /= world
+                diff, mse, vb = logged.tolist()
+            if metrics_file is not None and log_now:
+                row = {"step": done, "loss": diff + parts.get("memory", 0.0), "diffusion": diff, "mse": mse, "vb": vb,
+                       **parts, "step_time": dt}
                 if memories is not None:
                     row["memory_sizes"] = memories.sizes()
                 metrics_file.write(json.dumps(row) + "\n")
@@ -360,5 +366,11 @@ def _trim_metrics(path: Path, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint; drop their old lines."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass  # blank, or the tail of a line a killed run did not finish writing
     path.write_text("".join(line + "\n" for line in keep))
