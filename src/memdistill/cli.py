@@ -116,13 +116,19 @@ EVAL_HELP = {
 
 
 # ----- subcommands ---------------------------------------------------------------------------------------
+def say(message: str) -> None:
+    """Print a result line once, from rank 0 only under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_defaults
     from .train import TrainConfig
 
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(f"pretrained model exported to {export}")
+    say(f"pretrained model exported to {export}")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -131,7 +137,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     cfg = config_from_args(TrainConfig, args, finetune_defaults())
     export = finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(f"fine-tuned model exported to {export}")
+    say(f"fine-tuned model exported to {export}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -140,7 +146,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     cfg = config_from_args(SampleConfig, args, SampleConfig())
     cfg = dataclasses.replace(cfg, classes=parse_classes(args.classes))
     out = sample_set(cfg, args.out, overwrite=args.overwrite)
-    print(f"sampled {cfg.ipc} images per class into {out}")
+    say(f"sampled {cfg.ipc} images per class into {out}")
 
 
 def _cmd_select(args: argparse.Namespace) -> None:
@@ -149,13 +155,13 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
     ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images)
     out = select_real(args.method, ds, args.ipc, args.seed, args.out, overwrite=args.overwrite)
-    print(f"selected {args.ipc} real images per class ({args.method}) into {out}")
+    say(f"selected {args.ipc} real images per class ({args.method}) into {out}")
 
 
 def _print_eval(result: dict, label: str) -> None:
     from .evaluate import format_table
 
-    print(format_table(dict(result, label=label)))
+    say(format_table(dict(result, label=label)))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -167,7 +173,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                                 resolution=args.resolution)
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
-    print(f"results written to {Path(args.out) / 'results.json'}")
+    say(f"results written to {Path(args.out) / 'results.json'}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -184,9 +190,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
     for r in results["results"]:
-        print(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
+        say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
               f"last {r['last_mean']:.2f} ± {r['last_std']:.2f}")
-    print(f"report: {report}")
+    say(f"report: {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="memdistill", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"memdistill {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress messages (-v) or debug details (-vv); warnings are always shown")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch")
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
 
