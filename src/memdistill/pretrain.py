@@ -12,7 +12,7 @@ from .train import TrainConfig, load_train_data, run_training
 
 def pretrain_defaults() -> TrainConfig:
     """Settings that train the shipped mnist5k model on 2 CPU cores."""
-    return TrainConfig(data="mnist5k", model="DiT-Tiny/4", train="all", batch_size=64, lr=1e-3, steps=12000, grad_clip=1.0,
+    return TrainConfig(data="mnist5k", model="DiT-Tiny/4", train="all", batch_size=64, lr=1e-3, steps=8000, grad_clip=1.0,
                        ema_decay=0.999, checkpoint_every=500, log_every=25, stage="pretrain")
 
 

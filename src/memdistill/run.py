@@ -37,8 +37,8 @@ class RunConfig:
     test: str | None = None  # real test images: None = the embedded dataset's test split; else a folder
     finetune: TrainConfig = field(default_factory=finetune_defaults)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # 200 epochs instead of the IPC table's 2000 keeps the embedded default within minutes on 2 CPU cores.
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=200, repeats=3))
+    # 100 epochs instead of the IPC table's 2000 keeps the embedded default within minutes on 2 CPU cores.
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=100, repeats=3))
 
     def baseline_list(self) -> list[str]:
         names = [b.strip() for b in self.baselines.split(",") if b.strip()]
