@@ -49,6 +49,9 @@ def test_run_end_to_end_writes_a_report(tiny_model, tmp_path, capsys):
     assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--baselines", "random,herding", "--out", out,
                    "--resume") == 0
     assert (out / "eval" / "adaptive.json").stat().st_mtime_ns == before
+    # Reused stages must match the settings: a changed IPC is refused, naming it.
+    fails_with(capsys, "run", "--init", tiny_model, *TINY_RUN, "--baselines", "random,herding", "--out", out,
+               "--resume", "--ipc", "3", match="ipc: 2 -> 3")
     # Without --resume or --overwrite the folder is protected.
     fails_with(capsys, "run", "--init", tiny_model, *TINY_RUN, "--out", out, match="already holds a run")
 

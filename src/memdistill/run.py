@@ -4,8 +4,9 @@ Layout of the output folder:
     finetune/            the fine-tuning run (resume state, metrics, export)
     sets/<method>/       each evaluated image set (the distilled one and the real baselines)
     eval/<method>.json   each set's evaluation
-    report.md, results.json, grid.png, accuracy.png
-A stage whose output is complete is not redone when the same command is run again with --resume.
+    report.md, results.json, grid.png, accuracy.png, run_config.json
+A stage whose output is complete is not redone when the same command is run again with --resume;
+run_config.json makes sure "the same command" holds.
 """
 
 from __future__ import annotations
@@ -52,6 +53,35 @@ def _complete(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
+# Options that change how a run is watched or scheduled, not what it computes.
+WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_every", "finetune.device",
+              "sample.device", "sample.batch_size", "eval.device"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _check_same_run(out: Path, cfg: RunConfig) -> None:
+    """Completed stages are reused on --resume, so the settings must be the ones they were made with."""
+    path = out / "run_config.json"
+    settings = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    now = {k: v for k, v in settings.items() if k not in WATCH_ONLY}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise UserError(f"--resume with changed settings ({detail}); use the original options or --overwrite")
+    write_json_atomic(path, now)
+
+
 def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     from .baselines import select_real
     from .data import open_dataset
@@ -75,7 +105,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
         if not overwrite:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_same_run(out, cfg)
     # The train set is checked up front so a bad IPC fails before minutes of fine-tuning.
     train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images)
     counts = [int((train_ds.targets == c).sum()) for c in range(train_ds.num_classes)]
