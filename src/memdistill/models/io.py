@@ -47,32 +47,43 @@ def _is_diffusers_sd(sd: dict) -> bool:
     return any(k.startswith("transformer_blocks.") for k in sd)
 
 
+# Official key -> diffusers key. Both order their modulation chunks (shift, scale[, gate]...), so no rows
+# are permuted. Embedder keys are relative to a block's "norm1.emb.": diffusers keeps a copy per block.
+_GLOBAL_KEYS = {
+    "x_embedder.proj.weight": "pos_embed.proj.weight",
+    "x_embedder.proj.bias": "pos_embed.proj.bias",
+    "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight",
+    "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
+    "final_layer.linear.weight": "proj_out_2.weight",
+    "final_layer.linear.bias": "proj_out_2.bias",
+}
+_EMBEDDER_KEYS = {
+    "t_embedder.mlp.0.weight": "timestep_embedder.linear_1.weight",
+    "t_embedder.mlp.0.bias": "timestep_embedder.linear_1.bias",
+    "t_embedder.mlp.2.weight": "timestep_embedder.linear_2.weight",
+    "t_embedder.mlp.2.bias": "timestep_embedder.linear_2.bias",
+    "y_embedder.embedding_table.weight": "class_embedder.embedding_table.weight",
+}
+_BLOCK_KEYS = {  # per block and per "weight" / "bias"; attn.qkv is split into attn1.to_q/k/v
+    "attn.proj": "attn1.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+    "adaLN_modulation.1": "norm1.linear",
+}
+
+
 def diffusers_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers DiT state dict -> official keys (pos_embed left out: it is recomputed)."""
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
     emb0 = "transformer_blocks.0.norm1.emb."
-    out = {
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-        "t_embedder.mlp.0.weight": sd[emb0 + "timestep_embedder.linear_1.weight"],
-        "t_embedder.mlp.0.bias": sd[emb0 + "timestep_embedder.linear_1.bias"],
-        "t_embedder.mlp.2.weight": sd[emb0 + "timestep_embedder.linear_2.weight"],
-        "t_embedder.mlp.2.bias": sd[emb0 + "timestep_embedder.linear_2.bias"],
-        "y_embedder.embedding_table.weight": sd[emb0 + "class_embedder.embedding_table.weight"],
-        # Both order their modulation chunks (shift, scale[, gate]...): no row permutation needed.
-        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
-        "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
-        "final_layer.linear.weight": sd["proj_out_2.weight"],
-        "final_layer.linear.bias": sd["proj_out_2.bias"],
-    }
+    out = {official: sd[diffusers] for official, diffusers in _GLOBAL_KEYS.items()}
+    out.update({official: sd[emb0 + diffusers] for official, diffusers in _EMBEDDER_KEYS.items()})
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
             out[dst + f"attn.qkv.{kind}"] = torch.cat([sd[src + f"attn1.to_{n}.{kind}"] for n in "qkv"], dim=0)
-            out[dst + f"attn.proj.{kind}"] = sd[src + f"attn1.to_out.0.{kind}"]
-            out[dst + f"mlp.fc1.{kind}"] = sd[src + f"ff.net.0.proj.{kind}"]
-            out[dst + f"mlp.fc2.{kind}"] = sd[src + f"ff.net.2.{kind}"]
-            out[dst + f"adaLN_modulation.1.{kind}"] = sd[src + f"norm1.linear.{kind}"]
+            for official, diffusers in _BLOCK_KEYS.items():
+                out[dst + f"{official}.{kind}"] = sd[src + f"{diffusers}.{kind}"]
         if i:
             for key in (k for k in sd if k.startswith(f"transformer_blocks.{i}.norm1.emb.")):
                 ref = sd[key.replace(f"transformer_blocks.{i}.", "transformer_blocks.0.", 1)]
@@ -84,30 +95,15 @@ def diffusers_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def official_to_diffusers(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """Official keys (DiffFit already folded) -> a diffusers DiTTransformer2DModel state dict."""
-    out = {
-        "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
-        "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
-        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
-        "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
-        "proj_out_2.weight": sd["final_layer.linear.weight"],
-        "proj_out_2.bias": sd["final_layer.linear.bias"],
-    }
+    out = {diffusers: sd[official] for official, diffusers in _GLOBAL_KEYS.items()}
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
-        emb = dst + "norm1.emb."
-        # diffusers keeps a copy of the shared embedders in every block.
-        out[emb + "timestep_embedder.linear_1.weight"] = sd["t_embedder.mlp.0.weight"]
-        out[emb + "timestep_embedder.linear_1.bias"] = sd["t_embedder.mlp.0.bias"]
-        out[emb + "timestep_embedder.linear_2.weight"] = sd["t_embedder.mlp.2.weight"]
-        out[emb + "timestep_embedder.linear_2.bias"] = sd["t_embedder.mlp.2.bias"]
-        out[emb + "class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        out.update({dst + "norm1.emb." + diffusers: sd[official] for official, diffusers in _EMBEDDER_KEYS.items()})
         for kind in ("weight", "bias"):
             q, k, v = sd[src + f"attn.qkv.{kind}"].chunk(3, dim=0)
             out[dst + f"attn1.to_q.{kind}"], out[dst + f"attn1.to_k.{kind}"], out[dst + f"attn1.to_v.{kind}"] = q, k, v
-            out[dst + f"attn1.to_out.0.{kind}"] = sd[src + f"attn.proj.{kind}"]
-            out[dst + f"ff.net.0.proj.{kind}"] = sd[src + f"mlp.fc1.{kind}"]
-            out[dst + f"ff.net.2.{kind}"] = sd[src + f"mlp.fc2.{kind}"]
-            out[dst + f"norm1.linear.{kind}"] = sd[src + f"adaLN_modulation.1.{kind}"]
+            for official, diffusers in _BLOCK_KEYS.items():
+                out[dst + f"{diffusers}.{kind}"] = sd[src + f"{official}.{kind}"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
