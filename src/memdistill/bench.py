@@ -36,7 +36,7 @@ import torch
 
 from .baselines import select_real
 from .errors import UserError
-from .evaluate import NO_FLIP_DATASETS, EvalConfig, evaluate_image_set
+from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
 from .manifest import write_json_atomic
 from .sample import SampleConfig, sample_set
@@ -439,10 +439,7 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
     cfg.validate()
     out = Path(out)
     ft = cfg.finetune
-    if cfg.test is None and ft.data not in NO_FLIP_DATASETS:
-        raise UserError(f"--test is required for folder data ({ft.data}): a folder of real test images, e.g. the "
-                        "ImageNet val images of the subset")
-    test = cfg.test or ft.data
+    test = resolve_test_set(ft.data, cfg.test)
     if "dit" in cfg.method_list() or set(MEMORY_OF) & set(cfg.method_list()) or cfg.sweep:
         if ft.init is None:
             raise UserError("bench needs --init (the pretrained model) for the dit, minimax and adaptive methods")

@@ -240,6 +240,17 @@ def format_table(results: dict | list[dict]) -> str:
 NO_FLIP_DATASETS = ("mnist5k", "digits")
 
 
+def resolve_test_set(data: str, test: str | None) -> str:
+    """The real test images for training data ``data``: ``test`` when given, else the embedded dataset's own
+    test split; folder data has no split of its own to fall back on."""
+    if test is not None:
+        return test
+    if data not in NO_FLIP_DATASETS:
+        raise UserError(f"--test is required for folder data ({data}): a folder of real test images, e.g. the "
+                        "ImageNet val images of the subset")
+    return data
+
+
 def with_default_flip(config: EvalConfig, test: str) -> EvalConfig:
     """``flip=None`` means: flip unless the test set is an embedded digit set."""
     if config.flip is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import NO_FLIP_DATASETS, EvalConfig, evaluate_image_set
+from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
 from .manifest import write_json_atomic, write_manifest
 from .sample import SampleConfig, sample_set
@@ -96,11 +96,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
     ft.validate()
     cfg.sample.validate()
     cfg.eval.validate()
-    embedded = ft.data in NO_FLIP_DATASETS
-    if cfg.test is None and not embedded:
-        raise UserError(f"--test is required for folder data ({ft.data}): a folder of real test images, e.g. the "
-                        "ImageNet val images of the subset")
-    test = cfg.test or ft.data
+    test = resolve_test_set(ft.data, cfg.test)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
