@@ -132,6 +132,16 @@ def test_sweep_runs_on_two_values(tiny_model, tmp_path, counters):
     assert "| 0.002 (default) |" in report
 
 
+def test_finetune_control_is_fine_tuned_without_memory(tiny_model, tmp_path, counters, capsys):
+    out = tmp_path / "control"
+    bench_cli("--init", tiny_model, *TINY, "--methods", "finetune,minimax", "--ipcs", "1", "--no-metrics",
+              "--out", out)
+    assert counters["finetune"] == [("none", str(out / "models" / "finetune")),
+                                    ("fifo", str(out / "models" / "minimax"))]
+    assert "| IPC | net | Fine-tune (no memory) | Minimax |" in capsys.readouterr().out
+    assert json.loads((out / "models" / "finetune" / "config.json").read_text())["memory"] == "none"
+
+
 @pytest.mark.parametrize("args, match", [
     (["--methods", "random,gan"], "gan"),
     (["--ipcs", "1,x"], "--ipcs"),

@@ -217,6 +217,30 @@ def test_memory_none_has_no_memory_terms(tiny_model, tmp_path, adaptive_run):
     assert metrics[0]["diffusion"] == rows(adaptive_run)[0]["diffusion"]
 
 
+def test_memory_max_t_keeps_late_timesteps_out_of_the_memories(tiny_model, tmp_path, digits):
+    """With --memory-max-t T only the samples drawn at t < T enter the memories (and the losses): the
+    memory sizes count exactly those samples, step by step."""
+    from memdistill.diffusion import GaussianDiffusion
+    from memdistill.train import step_generator
+
+    out = tmp_path / "late"
+    assert finetune(tiny_model, out, "--steps", 8, "--memory", "fifo", "--mem-real", 50, "--mem-gen", 50,
+                    "--memory-max-t", 400, "--log-every", 1) == 0
+    _, targets = digits
+    diffusion = GaussianDiffusion()
+    kept = {c: 0 for c in range(10)}
+    dropped = 0
+    for step, r in enumerate(rows(out)):
+        labels = targets[batch_indices(len(targets), 8, 0, step)]
+        t = diffusion.sample_timesteps(8, generator=step_generator(0, step))  # the loop's first draw
+        for c in labels[t < 400].tolist():
+            kept[c] += 1
+        dropped += int((t >= 400).sum())
+        assert r["memory_sizes"] == {str(c): {"real": kept[c], "gen": kept[c]} for c in range(10)}, step
+    assert 0 < dropped < 64 and sum(kept.values()) > 0  # the filter did remove some samples, not all
+    assert json.loads((out / "config.json").read_text())["memory_max_t"] == 400
+
+
 def test_train_all_trains_every_weight(tiny_model, tmp_path):
     out = tmp_path / "all"
     assert finetune(tiny_model, out, "--steps", 2, "--memory", "none", "--train", "all") == 0
@@ -246,6 +270,7 @@ def fails_with(capsys, init, out, *args, match: str) -> str:
     (["--mem-gen", "0"], "--mem-gen must be >= 1"),
     (["--memory", "lru"], "--memory must be one of adaptive, fifo, none"),
     (["--train", "lora"], "--train must be one of difffit, all"),
+    (["--memory-max-t", "0"], "--memory-max-t must be in [1, 1000]"),
 ])
 def test_bad_option_values(capsys, tiny_model, tmp_path, args, match):
     fails_with(capsys, tiny_model, tmp_path / "r", *args, match=match)

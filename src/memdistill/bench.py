@@ -1,14 +1,15 @@
 """`memdistill bench`: several distillation methods side by side, in the layout of the paper's Table 1.
 
 Methods: random / herding (real images), dit (the pretrained model sampled without fine-tuning), minimax
-(fine-tuned with FIFO memories) and adaptive (the paper's self-adaptive memories); at several IPCs, for
+(fine-tuned with FIFO memories) and adaptive (the paper's self-adaptive memories), and on request finetune
+(fine-tuned without memory losses, a control); at several IPCs, for
 several evaluation nets, each cell the mean +- std over repeats. Beside accuracy, each distilled set's
 within-class diversity and coverage of the real test set (memdistill.metrics) in the feature space of a
 classifier trained once on the real train split. ``sweep=True`` runs the sensitivity study of the paper's
 Figure 4 instead: accuracy at one IPC against lambda_real, lambda_gen and the memory size N_R = N_G.
 
 Layout of the output folder (every unit is written atomically; one that exists is not redone):
-    models/<method>/                        fine-tune runs (minimax, adaptive), made once, reused everywhere
+    models/<method>/                        fine-tune runs (finetune, minimax, adaptive), made once, reused everywhere
     sets/<method>-ipc<k>/                   image sets
     cells/<method>-ipc<k>-<net>.json        one evaluation (all repeats): the unit of resume
     metrics/<method>-ipc<k>.json            diversity and coverage of one set
@@ -45,9 +46,14 @@ from .train import TrainConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("random", "herding", "dit", "minimax", "adaptive")
+# Opt-in controls, not in the default grid: "finetune" is the same fine-tuning without memory losses, which
+# separates what the memories do from what fine-tuning alone does.
+EXTRA_METHODS = ("finetune",)
 REAL_METHODS = ("random", "herding")
-MEMORY_OF = {"minimax": "fifo", "adaptive": "adaptive"}  # the fine-tuned methods and their memory strategy
-LABELS = {"random": "Random", "herding": "Herding", "dit": "DiT", "minimax": "Minimax", "adaptive": "Adaptive"}
+# the fine-tuned methods and their memory strategy
+MEMORY_OF = {"finetune": "none", "minimax": "fifo", "adaptive": "adaptive"}
+LABELS = {"random": "Random", "herding": "Herding", "dit": "DiT", "finetune": "Fine-tune (no memory)",
+          "minimax": "Minimax", "adaptive": "Adaptive"}
 SWEEP_PARAMETERS = ("lambda_real", "lambda_gen", "memory")
 TIE_RULE = ("Bold: the best mean of the row and every method whose mean lies within one standard deviation "
             "(over repeats) of it; differences smaller than that spread are ties at this number of repeats.")
@@ -77,10 +83,11 @@ class BenchConfig:
 
     def method_list(self) -> list[str]:
         names = _split(self.methods, "methods", str)
-        bad = [m for m in names if m not in METHODS]
+        allowed = METHODS + EXTRA_METHODS
+        bad = [m for m in names if m not in allowed]
         if bad or not names:
-            raise UserError(f"unknown method {bad[0]!r} in --methods; allowed: {', '.join(METHODS)} (comma-separated)"
-                            if bad else f"--methods is empty; allowed: {', '.join(METHODS)}")
+            raise UserError(f"unknown method {bad[0]!r} in --methods; allowed: {', '.join(allowed)} (comma-separated)"
+                            if bad else f"--methods is empty; allowed: {', '.join(allowed)}")
         return list(dict.fromkeys(names))
 
     def ipc_list(self) -> list[int]:
@@ -524,7 +531,8 @@ def _settings(bench: _Bench) -> dict:
     cfg, ft = bench.cfg, bench.cfg.finetune
     return {"data": ft.data, "subset": ft.subset, "test": bench.test, "init": ft.init, "finetune_steps": ft.steps,
             "finetune_epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr, "lambda_real": ft.lambda_real,
-            "lambda_gen": ft.lambda_gen, "mem_real": ft.mem_real, "mem_gen": ft.mem_gen, "seed": ft.seed,
+            "lambda_gen": ft.lambda_gen, "mem_real": ft.mem_real, "mem_gen": ft.mem_gen,
+            "memory_max_t": ft.memory_max_t, "seed": ft.seed,
             "sample_steps": cfg.sample.steps, "sampler": cfg.sample.sampler, "cfg_scale": cfg.sample.cfg_scale,
             "sample_seed": cfg.sample.seed, "repeats": cfg.repeats, "eval_epochs_option": cfg.eval.epochs,
             "eval_seed": cfg.eval.seed, "feature_net": cfg.feature_net, "feature_epochs": cfg.feature_epochs,
@@ -569,7 +577,7 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
         f"Methods {', '.join(LABELS[m] for m in methods)} on {ft.data}"
         + (f" ({ft.subset})" if ft.subset else "") + f", tested on the real {bench.test} test images. "
         f"Fine-tuned methods start from {ft.init} and share every setting but the memory (Minimax: FIFO, "
-        f"Adaptive: self-adaptive); DiT samples that model without fine-tuning; Random and Herding select real "
+        f"Adaptive: self-adaptive, Fine-tune: no memory losses); DiT samples that model without fine-tuning; Random and Herding select real "
         f"images. Fine-tuning: {ft.steps if ft.steps is not None else f'{ft.epochs or 1} epoch(s) of'} steps, batch "
         f"{ft.batch_size}, lr {ft.lr:g}, lambda_real {ft.lambda_real:g}, lambda_gen {ft.lambda_gen:g}, "
         f"N_R {ft.mem_real}, N_G {ft.mem_gen}. Sampling: {cfg.sample.steps} {cfg.sample.sampler} steps, "
@@ -682,7 +690,8 @@ def _sweep_set(bench: _Bench, model: str, k: int, folder: Path) -> Path:
 
 # ----- command line ------------------------------------------------------------------------------------------
 BENCH_HELP = {
-    "methods": f"comma-separated methods: {', '.join(METHODS)}",
+    "methods": f"comma-separated methods: {', '.join(METHODS)}; also finetune (the same fine-tuning without "
+               "memory losses, a control)",
     "ipcs": "comma-separated images per class",
     "nets": "comma-separated evaluation nets (convnetD, resnetap10, resnet18)",
     "repeats": "classifiers trained per cell, each with its own seed",

@@ -86,6 +86,8 @@ TRAIN_HELP = {
     "lambda_gen": "weight of the diversity loss",
     "mem_real": "capacity N_R of each class's real memory",
     "mem_gen": "capacity N_G of each class's generated memory",
+    "memory_max_t": "only samples at timesteps t below this feed the memory losses and memories (default: all t, "
+                    "as the paper)",
     "repeat_loss_defect": "reproduce the reference code's re-added class loss (ablation only)",
     "steps": "optimisation steps (overrides --epochs)",
     "epochs": "passes over the training images",
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch")
     add_config_args(p, pretrain_defaults(), skip={"init", "train", "memory", "lambda_real", "lambda_gen", "mem_real",
-                                                  "mem_gen", "repeat_loss_defect", "stage"}, help=TRAIN_HELP)
+                                                  "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"}, help=TRAIN_HELP)
     _add_run_folder_args(p, "runs/pretrain")
     p.set_defaults(func=_cmd_pretrain)
 

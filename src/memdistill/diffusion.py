@@ -20,7 +20,10 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
 
 
-def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+NUM_TIMESTEPS = 1000  # T of the DiT training schedule (METHOD.md section 2)
+
+
+def linear_betas(num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """The DDPM linear schedule, in float64 so that products over 1000 steps stay exact enough."""
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
@@ -100,7 +103,7 @@ class Schedule:
 class GaussianDiffusion:
     """A linear-beta diffusion of ``num_timesteps`` steps and its respaced sampling chains."""
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02):
         self.num_timesteps = num_timesteps
         self.base = Schedule(linear_betas(num_timesteps, beta_start, beta_end), torch.arange(num_timesteps))
 

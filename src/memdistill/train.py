@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .diffusion import GaussianDiffusion
+from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
 from .manifest import write_json_atomic, write_manifest
 
@@ -64,6 +64,9 @@ class TrainConfig:
     mem_real: int = 64
     mem_gen: int = 64
     repeat_loss_defect: bool = False
+    # Only samples drawn at a timestep t < memory_max_t take part in the memory mechanism (losses and
+    # updates); None = every t, as the paper. At large t the predicted clean latent is mostly noise.
+    memory_max_t: int | None = None
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 1000
@@ -91,6 +94,8 @@ class TrainConfig:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        if self.memory_max_t is not None and not 1 <= self.memory_max_t <= NUM_TIMESTEPS:
+            raise UserError(f"--memory-max-t must be in [1, {NUM_TIMESTEPS}], got {self.memory_max_t}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise UserError(f"--grad-clip must be > 0, got {self.grad_clip}")
 
@@ -294,7 +299,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             loss = terms["loss"].mean()
             parts = {}
             if memories is not None:
-                loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], memories, cfg, rank, world)
+                loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories, cfg,
+                                               rank, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -340,11 +346,12 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     return export
 
 
-def _add_memory_loss(loss, pred_x0, labels, x0, memories, cfg: TrainConfig, rank: int, world: int):
+def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfig, rank: int, world: int):
     """Memory terms on the global batch, then the memory update.
 
     Every rank sees all ranks' predictions, but only its own slice carries gradient; scaling the term by the
     world size makes the DDP-averaged gradient equal to the single-process gradient of the global batch.
+    ``t_all`` holds the global batch's timesteps (for ``cfg.memory_max_t``).
     """
     from .losses import memory_loss
 
@@ -356,6 +363,9 @@ def _add_memory_loss(loss, pred_x0, labels, x0, memories, cfg: TrainConfig, rank
         all_x0 = gather_batch(x0, world)
     else:
         all_pred, all_labels, all_x0 = pred_x0, labels, x0
+    if cfg.memory_max_t is not None:
+        keep = (t_all < cfg.memory_max_t).nonzero().view(-1)
+        all_pred, all_labels, all_x0 = (x.index_select(0, keep) for x in (all_pred, all_labels, all_x0))
     mem, parts = memory_loss(all_pred, all_labels, memories, cfg.lambda_real, cfg.lambda_gen,
                              repeat_defect=cfg.repeat_loss_defect)
     memories.update(all_labels, all_x0.detach(), all_pred.detach())
