@@ -297,7 +297,7 @@ def test_output_folder_of_another_run_and_changed_resume(capsys, tiny_model, tmp
     before = (out / "checkpoints" / "last.pt").read_bytes()
     fails_with(capsys, tiny_model, out, "--steps", 2, "--memory", "fifo", match="already holds a run")
     line = fails_with(capsys, tiny_model, out, "--steps", 4, "--memory", "fifo", "--lambda-gen", 0.01, "--resume",
-                      match="changed configuration")
+                      match="changed settings")
     assert "lambda_gen: 0.008 -> 0.01" in line and "steps" not in line  # more steps is an allowed change
     assert (out / "checkpoints" / "last.pt").read_bytes() == before  # the run was left alone
 

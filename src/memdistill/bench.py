@@ -39,7 +39,7 @@ from .baselines import select_real
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
-from .manifest import write_json_atomic
+from .manifest import refuse_changed_settings, write_json_atomic
 from .sample import SampleConfig, sample_set
 from .train import TrainConfig
 
@@ -458,12 +458,7 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
                                 "replace it")
             shutil.rmtree(out)
         elif (out / "config.json").is_file():
-            saved = json.loads((out / "config.json").read_text())
-            changed = [f"{group}.{k}: {saved.get(group, {}).get(k)!r} -> {v!r}" for group, values in fingerprint.items()
-                       for k, v in values.items() if saved.get(group, {}).get(k) != v]
-            if changed:
-                raise UserError(f"--resume with changed settings ({'; '.join(changed)}); use the original options, "
-                                "another --out, or --overwrite")
+            refuse_changed_settings(json.loads((out / "config.json").read_text()), fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", fingerprint)
 

@@ -24,6 +24,29 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def refuse_changed_settings(saved: dict, now: dict, ignore: set[str] = frozenset()) -> None:
+    """The rule every resumable command follows: what a folder holds was made with ``saved`` settings, so a
+    --resume with other ones is refused, naming each changed (flattened) key. Keys in ``ignore`` (how a run is
+    watched or scheduled, not what it computes) may change."""
+    saved, now = flatten(saved), flatten(now)
+    changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise UserError(f"--resume with changed settings ({detail}); use the original options, another --out, "
+                        "or --overwrite")
+
+
 def versions() -> dict[str, str]:
     import torch
 

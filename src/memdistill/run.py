@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
-from .manifest import write_json_atomic, write_manifest
+from .manifest import flatten, refuse_changed_settings, write_json_atomic, write_manifest
 from .sample import SampleConfig, sample_set
 from .train import TrainConfig
 
@@ -58,27 +58,13 @@ WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_ev
               "sample.device", "sample.batch_size", "eval.device"}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def _check_same_run(out: Path, cfg: RunConfig) -> None:
     """Completed stages are reused on --resume, so the settings must be the ones they were made with."""
     path = out / "run_config.json"
-    settings = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    now = {k: v for k, v in settings.items() if k not in WATCH_ONLY}
+    now = flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    now = {k: v for k, v in now.items() if k not in WATCH_ONLY}
     if path.is_file():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-            raise UserError(f"--resume with changed settings ({detail}); use the original options or --overwrite")
+        refuse_changed_settings(json.loads(path.read_text()), now)
     write_json_atomic(path, now)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
-from .manifest import write_json_atomic, write_manifest
+from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +185,8 @@ def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, r
             if holds_run or (out / "manifest.json").exists():
                 raise UserError(f"--resume: {out} has no resume state (checkpoints/last.pt)")
             return None  # nothing to resume yet: start fresh
-        saved = json.loads((out / "config.json").read_text())
-        now = dataclasses.asdict(cfg)
-        changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
-        if changed:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-            raise UserError(f"--resume with a changed configuration ({detail}); use the original options or --overwrite")
+        refuse_changed_settings(json.loads((out / "config.json").read_text()), dataclasses.asdict(cfg),
+                                ignore=RESUMABLE_CHANGES)
         return state_path
     if holds_run or (out / "manifest.json").exists():
         if not overwrite:
