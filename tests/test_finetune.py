@@ -241,6 +241,15 @@ def test_memory_max_t_keeps_late_timesteps_out_of_the_memories(tiny_model, tmp_p
     assert json.loads((out / "config.json").read_text())["memory_max_t"] == 400
 
 
+def test_memory_max_t_with_batches_that_keep_nothing(tiny_model, tmp_path):
+    """With T = 1 almost every batch keeps no sample: those steps add no memory term and leave memories alone."""
+    out = tmp_path / "none-kept"
+    assert finetune(tiny_model, out, "--steps", 3, "--memory", "adaptive", "--memory-max-t", 1, "--log-every", 1) == 0
+    for r in rows(out):
+        assert r["memory"] == 0.0 and r["classes"] == 0 and r["loss"] == r["diffusion"]
+        assert all(size == {"real": 0, "gen": 0} for size in r["memory_sizes"].values())
+
+
 def test_train_all_trains_every_weight(tiny_model, tmp_path):
     out = tmp_path / "all"
     assert finetune(tiny_model, out, "--steps", 2, "--memory", "none", "--train", "all") == 0

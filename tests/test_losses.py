@@ -105,6 +105,10 @@ def test_memory_loss_gen_only_class_and_empty_cases():
     total, parts = memory_loss(torch.stack([E1]), torch.tensor([2]), mem, LR, LG)
     assert total.shape == () and total.item() == 0.0 and parts["classes"] == 0
 
+    # An empty batch (every sample filtered out by --memory-max-t) adds nothing.
+    total, parts = memory_loss(torch.empty(0, *E1.shape), torch.empty(0, dtype=torch.long), mem, LR, LG)
+    assert total.shape == () and total.item() == 0.0 and parts == {"real": 0.0, "gen": 0.0, "classes": 0}
+
 
 def test_memory_loss_gradient_flows_to_pred():
     mem = _filled_memories()

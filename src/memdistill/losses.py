@@ -70,6 +70,8 @@ def memory_loss(
     """
     if labels.shape[0] != pred_x0.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {pred_x0.shape[0]} predictions")
+    if labels.shape[0] == 0:  # e.g. every sample filtered out by --memory-max-t
+        return pred_x0.new_zeros(()), {"real": 0.0, "gen": 0.0, "classes": 0}
     # One stable sort makes each class a contiguous run of rows; classes come out ascending, which
     # fixes the order the defect depends on. Rows normalise independently, so normalising the whole
     # batch once gives every class exactly the rows `cosine_matrix` would.
