@@ -1,0 +1,47 @@
+"""The analysis scripts of benchmarks/: what they print is complete and computed right."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_methods  # noqa: E402
+import memory_diagnostics  # noqa: E402
+
+
+def test_report_shares_and_ratios(capsys):
+    memory_diagnostics.main(["--steps", "14", "--measure-from", "10"])
+    out = capsys.readouterr().out
+    assert "steps 11-14 (4 batches)" in out
+    shares = re.findall(r"^\s+\[\d+, \d+\)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%$", out, flags=re.M)
+    assert len(shares) == len(memory_diagnostics.BINS) - 1
+    for column in zip(*shares):  # drawn, L_gen, L_real: each a distribution over the bins
+        assert abs(sum(float(x) for x in column) - 100) < 0.5
+    ratios = re.findall(r"L_(gen|real)\s+lambda [\d.]+: ([\d.]+) ", out)
+    assert [name for name, _ in ratios] == ["gen", "real"] and all(float(r) > 0 for _, r in ratios)
+
+
+def _cell(method, per_repeat):
+    bests = [b for _, b in per_repeat]
+    mean = sum(bests) / len(bests)
+    return {"method": method, "ipc": 10, "net": "convnet3", "best_mean": mean, "best_std": 0.0,
+            "per_repeat": [{"seed": s, "best": b} for s, b in per_repeat]}
+
+
+def test_compare_methods_pairs_repeats_by_seed(tmp_path, capsys):
+    bench = tmp_path / "b"
+    bench.mkdir()
+    # Seed 1 is lucky for both; the paired differences are +1 and +2 whatever the repeat order.
+    cells = [_cell("adaptive", [(0, 70.0), (1, 80.0)]), _cell("minimax", [(1, 78.0), (0, 69.0)])]
+    metrics = [{"method": "adaptive", "ipc": 10, "diversity": 0.2, "coverage": 0.5},
+               {"method": "minimax", "ipc": 10, "diversity": 0.1, "coverage": 0.4}]
+    (bench / "bench.json").write_text(json.dumps({"cells": cells, "metrics": metrics}))
+    (bench / "models" / "minimax").mkdir(parents=True)
+    (bench / "models" / "minimax" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "gen": g, "real": 0.5}) + "\n" for s, g in ((100, 9.0), (110, 0.6), (120, 0.8))))
+    compare_methods.main([str(bench)])
+    out = capsys.readouterr().out
+    assert f"| {bench} | 10 | 75.00 ± 0.00 | 73.50 ± 0.00 | +1.50 ± 0.71 | 0.200 / 0.100 | 0.500 / 0.400 |" in out
+    assert "adaptive - minimax = +1.50 ± 0.71 (std over repeats), adaptive ahead in 1 of 1 cells" in out
+    assert f"| {bench} | minimax | 0.700 | 0.500 |" in out  # step 100 (memories filling) is left out
