@@ -1,6 +1,6 @@
 """Paired comparison of two methods across bench outputs: A - B on the same classifier seeds.
 
-    python benchmarks/compare_methods.py runs/inv/cfg4 runs/inv/cfg2 ... [--a adaptive] [--b minimax]
+    python benchmarks/compare_methods.py runs/inv/cfg4 runs/inv/cfg2 ... [--a adaptive] [--b minimax] [--ipc 10]
 
 Within one bench, every method's repeat r trains its classifier from the same seed (eval seed + r), and the
 seed moves all methods alike (a lucky seed is lucky for every set). So the difference A - B per repeat is far
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("benches", nargs="+", help="bench output folders (each with bench.json)")
     p.add_argument("--a", default="adaptive")
     p.add_argument("--b", default="minimax")
+    p.add_argument("--ipc", type=int, default=None, help="only cells of this IPC (default: all)")
     p.add_argument("--from-step", type=int, default=100)
     args = p.parse_args(argv)
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {(m["method"], m["ipc"]): m for m in bench.get("metrics", [])}
         for (method, ipc, net), a in cells.items():
             b = cells.get((args.b, ipc, net))
-            if method != args.a or b is None:
+            if method != args.a or b is None or args.ipc not in (None, ipc):
                 continue
             seeds_a = {r["seed"]: r["best"] for r in a["per_repeat"]}
             seeds_b = {r["seed"]: r["best"] for r in b["per_repeat"]}

@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_methods  # noqa: E402
 import memory_diagnostics  # noqa: E402
@@ -45,3 +47,5 @@ def test_compare_methods_pairs_repeats_by_seed(tmp_path, capsys):
     assert f"| {bench} | 10 | 75.00 ± 0.00 | 73.50 ± 0.00 | +1.50 ± 0.71 | 0.200 / 0.100 | 0.500 / 0.400 |" in out
     assert "adaptive - minimax = +1.50 ± 0.71 (std over repeats), adaptive ahead in 1 of 1 cells" in out
     assert f"| {bench} | minimax | 0.700 | 0.500 |" in out  # step 100 (memories filling) is left out
+    with pytest.raises(SystemExit, match="no bench holds both"):  # --ipc keeps only the cells of that IPC
+        compare_methods.main([str(bench), "--ipc", "1"])
