@@ -572,8 +572,8 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
         f"Methods {', '.join(LABELS[m] for m in methods)} on {ft.data}"
         + (f" ({ft.subset})" if ft.subset else "") + f", tested on the real {bench.test} test images. "
         f"Fine-tuned methods start from {ft.init} and share every setting but the memory (Minimax: FIFO, "
-        f"Adaptive: self-adaptive, Fine-tune: no memory losses); DiT samples that model without fine-tuning; Random and Herding select real "
-        f"images. Fine-tuning: {ft.steps if ft.steps is not None else f'{ft.epochs or 1} epoch(s) of'} steps, batch "
+        f"Adaptive: self-adaptive, Fine-tune: no memory losses); DiT samples that model without fine-tuning; "
+        f"Random and Herding select real images. Fine-tuning: {ft.steps if ft.steps is not None else f'{ft.epochs or 1} epoch(s) of'} steps, batch "
         f"{ft.batch_size}, lr {ft.lr:g}, lambda_real {ft.lambda_real:g}, lambda_gen {ft.lambda_gen:g}, "
         f"N_R {ft.mem_real}, N_G {ft.mem_gen}. Sampling: {cfg.sample.steps} {cfg.sample.sampler} steps, "
         f"guidance {cfg.sample.cfg_scale:g}.",

@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
-from .manifest import flatten, refuse_changed_settings, write_json_atomic, write_manifest
+from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
 from .sample import SampleConfig, sample_set
 from .train import TrainConfig
 
@@ -61,10 +61,9 @@ WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_ev
 def _check_same_run(out: Path, cfg: RunConfig) -> None:
     """Completed stages are reused on --resume, so the settings must be the ones they were made with."""
     path = out / "run_config.json"
-    now = flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    now = {k: v for k, v in now.items() if k not in WATCH_ONLY}
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     if path.is_file():
-        refuse_changed_settings(json.loads(path.read_text()), now)
+        refuse_changed_settings(json.loads(path.read_text()), now, ignore=WATCH_ONLY)
     write_json_atomic(path, now)
 
 
