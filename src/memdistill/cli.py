@@ -86,8 +86,8 @@ TRAIN_HELP = {
     "lambda_gen": "weight of the diversity loss",
     "mem_real": "capacity N_R of each class's real memory",
     "mem_gen": "capacity N_G of each class's generated memory",
-    "memory_max_t": "only samples at timesteps t below this feed the memory losses and memories (default: all t, "
-                    "as the paper)",
+    "memory_max_t": "only samples at timesteps t below this feed the memory losses and memories; unset: every t, "
+                    "as the paper",
     "repeat_loss_defect": "reproduce the reference code's re-added class loss (ablation only)",
     "steps": "optimisation steps (overrides --epochs)",
     "epochs": "passes over the training images",
