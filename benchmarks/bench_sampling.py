@@ -19,10 +19,11 @@ import time
 import torch
 
 from memdistill.codec import PixelCodec
+from memdistill.devices import resolve_device
 from memdistill.imageset import to_uint8
 from memdistill.models.dit import build_dit
 from memdistill.pretrained import shipped_path
-from memdistill.sample import SampleConfig, Sampler, load_sampler, resolve_device
+from memdistill.sample import SampleConfig, Sampler, load_sampler
 
 
 def fresh_sampler(device: torch.device) -> Sampler:

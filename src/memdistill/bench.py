@@ -566,6 +566,7 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
                                            "nets": nets, "cells": cells, "metrics": metrics,
                                            "feature_extractor": extractor, "timings": bench.timings,
                                            "tie_rule": TIE_RULE})
+    length = ft.steps if ft.steps is not None else f"{ft.epochs or 1} epoch(s) of"
     lines = [
         "# memdistill bench",
         "",
@@ -573,7 +574,7 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
         + (f" ({ft.subset})" if ft.subset else "") + f", tested on the real {bench.test} test images. "
         f"Fine-tuned methods start from {ft.init} and share every setting but the memory (Minimax: FIFO, "
         f"Adaptive: self-adaptive, Fine-tune: no memory losses); DiT samples that model without fine-tuning; "
-        f"Random and Herding select real images. Fine-tuning: {ft.steps if ft.steps is not None else f'{ft.epochs or 1} epoch(s) of'} steps, batch "
+        f"Random and Herding select real images. Fine-tuning: {length} steps, batch "
         f"{ft.batch_size}, lr {ft.lr:g}, lambda_real {ft.lambda_real:g}, lambda_gen {ft.lambda_gen:g}, "
         f"N_R {ft.mem_real}, N_G {ft.mem_gen}. Sampling: {cfg.sample.steps} {cfg.sample.sampler} steps, "
         f"guidance {cfg.sample.cfg_scale:g}.",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from memdistill.augment import TrainAugment, cutmix, resize_center_crop, test_transform
+from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
 
@@ -88,12 +89,7 @@ class EvalConfig:
                 raise UserError(f"{name} must be >= 1 (or unset), got {value}")
         if self.cutmix_beta < 0 or self.momentum < 0 or self.weight_decay < 0:
             raise UserError("cutmix_beta, momentum and weight_decay must be >= 0")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as err:
-            raise UserError(f"unknown device {self.device!r}; use e.g. cpu or cuda") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {self.device!r} requested but CUDA is not available; use cpu")
+        resolve_device(self.device)
 
 
 def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -150,7 +146,7 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     config.validate()
     seed = config.seed if seed is None else seed
     ipc = _check_data(train_x, train_y, test_x, test_y, num_classes)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     size = config.image_size or min(train_x.shape[-2:])
     epochs = resolved_epochs(config, train_y)
     eval_every = config.eval_every or max(1, epochs // 10)

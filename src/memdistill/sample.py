@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .codec import Codec, make_codec
+from .devices import dist_setup, resolve_device
 from .diffusion import SAMPLERS, GaussianDiffusion, image_generator
 from .errors import UserError
 from .imageset import ImageSetWriter, check_target, partial_path
@@ -60,8 +60,7 @@ class SampleConfig:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.guided_channels is not None and self.guided_channels < 1:
             raise UserError(f"guided_channels must be at least 1 (or None for all), got {self.guided_channels}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise UserError(f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+        resolve_device(self.device)
 
 
 def parse_classes(classes) -> list[int] | None:
@@ -100,14 +99,6 @@ class Sampler:
                              device=self.device, progress=progress,
                              clip_x0=self.codec.name == "pixel")  # (N, *latent_shape); pixels live in [-1, 1]
         return self.codec.decode(z).float().cpu()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
-    return torch.device(device)
 
 
 def _run_info(export: Path) -> dict:
@@ -187,25 +178,12 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
                    tuple(int(s) for s in image_shape), device, source)
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world) under torchrun, initialising the process group if needed (gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> Path:
     """Sample cfg.ipc images for each class (or cfg.classes) into the image set ``out``."""
     cfg = dataclasses.replace(cfg, classes=parse_classes(cfg.classes))
     cfg.validate()
     out = check_target(out, overwrite)
-    rank, world = _dist_info()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world, device = dist_setup(cfg.device)
     sampler = load_sampler(cfg, device)
     guided(sampler.model, cfg.cfg_scale, cfg.guided_channels)  # fail on a bad guidance setting before any work
 

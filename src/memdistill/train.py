@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
 from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
@@ -101,23 +102,6 @@ class TrainConfig:
 
 
 # ----- distributed helpers ---------------------------------------------------------------------------
-def dist_setup(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, dev
-
-
 def gather_batch(x: torch.Tensor, world: int) -> torch.Tensor:
     """All ranks' rows of ``x`` in rank order (no gradient)."""
     if world == 1:
@@ -161,8 +145,7 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     from .data import open_dataset
 
     ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images)
-    device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    codec = make_codec(cfg.codec, cfg.vae, device=device)
+    codec = make_codec(cfg.codec, cfg.vae, device=resolve_device(cfg.device))
     cache = Path(cfg.latent_cache) if cfg.latent_cache else None
     latents, targets = encode_dataset(codec, ds, cache, seed=cfg.seed)
     return TrainData(latents.float().cpu(), targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
