@@ -26,7 +26,7 @@ from memdistill.memory import ClassMemories
 from memdistill.models.dit import set_trainable
 from memdistill.models.io import load_dit
 from memdistill.pretrained import resolve_model
-from memdistill.train import TrainConfig, batch_indices, load_train_data, step_generator
+from memdistill.train import TrainConfig, load_train_data, step_draws
 
 BINS = (0, 100, 250, 500, 750, 1000)
 
@@ -66,13 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     drawn = [0] * (len(BINS) - 1)
     ratios: dict[str, list[float]] = {"gen": [], "real": []}
     for step in range(args.steps):
-        # The same draws, in the same order, as the training loop of `memdistill finetune`.
-        idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
-        g = step_generator(cfg.seed, step)
+        # The draws of the training loop of `memdistill finetune` at this step.
+        idx, t, noise, drop = step_draws(cfg, step, n, tuple(data.latents.shape[1:]), diffusion)
         x0, labels = data.latents[idx], data.targets[idx]
-        t = diffusion.sample_timesteps(cfg.batch_size, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout
 
         def model_fn(x, tt, yy, _drop=drop):
             return model(x, tt, yy, force_drop_ids=_drop)

@@ -127,6 +127,19 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     return perm[j * batch:(j + 1) * batch]
 
 
+def step_draws(cfg: TrainConfig, step: int, n: int, latent_shape: tuple[int, ...], diffusion: GaussianDiffusion
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything random about the global batch of ``step``, from (seed, step) alone: the indices of its images
+    among ``n``, their timesteps, noise and class-dropout flags (on the CPU). A resumed run, and any script
+    that replays a run, draws exactly these."""
+    idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+    g = step_generator(cfg.seed, step)
+    t = diffusion.sample_timesteps(cfg.batch_size, generator=g)
+    noise = torch.randn((cfg.batch_size, *latent_shape), generator=g)
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout
+    return idx, t, noise, drop
+
+
 # ----- the run --------------------------------------------------------------------------------------
 @dataclass
 class TrainData:
@@ -261,12 +274,9 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
-            g = step_generator(cfg.seed, step)
+            idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, tuple(latents.shape[1:]), diffusion)
             x0_all = latents[idx]
-            t_all = diffusion.sample_timesteps(cfg.batch_size, generator=g).to(device)
-            noise_all = torch.randn(x0_all.shape, generator=g).to(device)
-            drop_all = (torch.rand(cfg.batch_size, generator=g) < cfg.class_dropout).to(device)
+            t_all, noise_all, drop_all = t_all.to(device), noise_all.to(device), drop_all.to(device)
             mine = slice(rank * local, (rank + 1) * local)
             labels = targets[idx][mine]
             y = cond[labels]
