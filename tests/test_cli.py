@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from memdistill.cli import main
 
@@ -63,7 +64,10 @@ def test_stages_separately(tiny_model, tmp_path, capsys):
                    "--no-progress", "--out", ft) == 0
     assert run_cli("sample", "--model", ft, "--ipc", "3", "--steps", "4", "--out", tmp_path / "set",
                    "--classes", "0,5") == 0
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["0", "5", "manifest.json"]
+    # the set, its manifest, and the picture of it (issue 9.21: sample shows what it made)
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["0", "5", "grid.png", "manifest.json"]
+    with Image.open(tmp_path / "set" / "grid.png") as grid:
+        assert grid.height > 2 * 8 and grid.width > 3 * 8  # two class rows of three upscaled 8x8 images
     assert run_cli("select", "--data", "digits", "--method", "herding", "--ipc", "3", "--out", tmp_path / "sel") == 0
     assert run_cli("evaluate", "--train", tmp_path / "sel", "--test", "digits", "--net", "convnet1", "--epochs", "2",
                    "--repeats", "1", "--out", tmp_path / "ev") == 0

@@ -40,7 +40,7 @@ def cfg(export, **kw):
 
 def test_set_layout_and_manifest(export, tmp_path):
     out = sample_set(cfg(export, ipc=2), tmp_path / "set")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "one", "two", "zero"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "manifest.json", "one", "two", "zero"]
     for name in CLASSES:
         assert sorted(p.name for p in (out / name).iterdir()) == ["00000.png", "00001.png"]
     x, y, names, m = read_image_set(out)

@@ -2,15 +2,20 @@
 
     <out>/<class_name>/<index:05d>.png   one folder per class, grey ("L") for 1 channel, RGB for 3
     <out>/manifest.json                  stage "sample" or "select"; class_names, ipc, channels, resolution, ...
+    <out>/grid.png                       a picture of the set for people: one labelled row per class (the
+                                         reader ignores it: it reads only the class folders' PNGs)
 
 A set is written into a hidden sibling folder (``.<name>.partial-<pid>``) and renamed into place only
-once complete, so a folder named ``<out>`` with a manifest is always a whole set.
+once complete, so a folder named ``<out>`` with a manifest is always a whole set. Such a folder left by a
+killed process (its pid no longer runs) is removed by the next writer of the same ``<out>``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -20,12 +25,14 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .manifest import read_manifest, write_manifest
+from .manifest import check_output_folder, disk_full_is_user_error, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 STAGES = ("sample", "select")
 _MODES = {1: "L", 3: "RGB"}
+GRID = "grid.png"  # the picture of a set, inside its folder
+GRID_PER_CLASS = 8  # images per class row in GRID
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +67,39 @@ def partial_path(out: Path, pid: int | None = None) -> Path:
     return out.parent / f".{out.name}.partial-{os.getpid() if pid is None else pid}"
 
 
-def check_target(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing ``out`` unless overwriting; call before any expensive work."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything). A process of another
+    user (EPERM) counts as alive: only a folder whose writer is certainly gone may be removed."""
+    if pid <= 0:
+        return True  # not a real writer's pid: never treat as dead
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno != errno.ESRCH
+    return True
+
+
+def remove_dead_partials(out: str | Path) -> list[Path]:
+    """Remove the hidden ``.<name>.partial-<pid>`` (and ``.<name>.old-<pid>``) folders beside ``out`` whose
+    process is gone, e.g. after a kill -9; a live process's folder is kept. Returns the folders removed."""
     out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-(\d+)")
+    removed = []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m.group(2))):
+            log.info("removing %s, left by process %s that no longer runs", p, m.group(2))
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def check_target(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an ``out`` that cannot be written (a file, inside a file, not writable) or that exists unless
+    overwriting; call before any expensive work."""
+    out = check_output_folder(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass overwrite (--overwrite) to replace it")
     if out.exists() and not out.is_dir():
@@ -90,11 +127,13 @@ class ImageSetWriter:
         self.committed = False
         self.owner = create  # only the process that created the partial folder may remove it
         if create:
+            remove_dead_partials(self.out)
             shutil.rmtree(self.partial, ignore_errors=True)  # a leftover of an earlier run with our pid
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.partial.mkdir()
-            for name in self.class_names:
-                (self.partial / name).mkdir()
+            with disk_full_is_user_error(self.partial, cleanup=self.partial):
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+                self.partial.mkdir()
+                for name in self.class_names:
+                    (self.partial / name).mkdir()
 
     def add(self, image: torch.Tensor, label: int, index: int) -> Path:
         """Save one (C, H, W) image in [-1, 1] as class ``label``'s image number ``index``."""
@@ -106,7 +145,8 @@ class ImageSetWriter:
         if pixels.shape[2] == 1:
             pixels = pixels[:, :, 0]
         path = self.partial / self.class_names[int(label)] / image_name(int(index))
-        Image.fromarray(np.ascontiguousarray(pixels)).save(path)  # (H, W) uint8 -> "L", (H, W, 3) -> "RGB"
+        with disk_full_is_user_error(path, cleanup=path):  # the writer's abort removes the rest
+            Image.fromarray(np.ascontiguousarray(pixels)).save(path)  # (H, W) uint8 -> "L", (H, W, 3) -> "RGB"
         return path
 
     def counts(self) -> list[int]:
@@ -127,7 +167,8 @@ class ImageSetWriter:
         config = fields.pop("config", {})
         c, h, w = self.image_shape
         fields.update(class_names=self.class_names, channels=c, resolution=h if h == w else [h, w],
-                      counts=counts, ipc=counts[0] if len(set(counts)) == 1 else None)
+                      counts=counts, ipc=counts[0] if len(set(counts)) == 1 else None, grid=GRID)
+        self._write_grid(fields.get("method") or stage)
         write_manifest(self.partial, stage, config, **fields)
         if self.out.exists():
             if not self.overwrite:
@@ -142,6 +183,19 @@ class ImageSetWriter:
         self.committed = True
         log.info("wrote %d images in %d classes to %s", sum(counts), len(counts), self.out)
         return self.out
+
+    def _write_grid(self, label: str) -> None:
+        """GRID in the partial folder: the first GRID_PER_CLASS images of every class, one labelled row each."""
+        from .reports import class_grid
+
+        rows = []
+        for name in self.class_names:
+            files = sorted((p for p in (self.partial / name).glob("*.png") if _png_index(p) is not None),
+                           key=_png_index)[:GRID_PER_CLASS]
+            rows.append([_read_png(p, self.image_shape[0]) for p in files])
+        path = self.partial / GRID
+        with disk_full_is_user_error(path, cleanup=path):
+            class_grid(rows, self.class_names, [(label, GRID_PER_CLASS)]).save(path)
 
     def abort(self) -> None:
         if self.owner and not self.committed:
@@ -175,6 +229,46 @@ def _png_index(path: Path) -> int | None:
     return int(path.stem) if path.stem.isdigit() else None
 
 
+def _read_png(path: Path, channels: int) -> torch.Tensor:
+    """One image of a set as (C, H, W) in [-1, 1]; UserError when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert(_MODES[channels]), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"unreadable image {path} ({e})") from None
+    return from_uint8(torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], channels).copy()).permute(2, 0, 1))
+
+
+def _set_shape(path: Path, manifest: dict) -> tuple[list[str], int, tuple[int, int], list[int] | None]:
+    """(class_names, channels, (H, W), counts or None) of a set's manifest, each checked for its JSON shape:
+    a manifest that is valid JSON of the wrong shape is refused with one line naming ``path``."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: 'class_names' must be a list of class names (strings), got {names!r:.80}")
+    class_names = _check_class_names(names)
+    channels = manifest.get("channels")
+    if not is_int(channels) or channels not in _MODES:
+        raise UserError(f"{path}: 'channels' must be 1 or 3, got {channels!r:.80}")
+    res = manifest.get("resolution")
+    size = [res, res] if is_int(res) else res
+    if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)):
+        raise UserError(f"{path}: 'resolution' must be a positive integer or [height, width], got {res!r:.80}")
+    counts = manifest.get("counts")
+    if counts is not None and not (isinstance(counts, list) and len(counts) == len(class_names)
+                                   and all(is_int(k) and k >= 0 for k in counts)):
+        raise UserError(f"{path}: 'counts' must list one image count per class, got {counts!r:.80}")
+    for key in ("ipc",):
+        if manifest.get(key) is not None and not (is_int(manifest[key]) and manifest[key] > 0):
+            raise UserError(f"{path}: {key!r} must be a positive integer, got {manifest[key]!r:.80}")
+    if manifest.get("method") is not None and not isinstance(manifest["method"], str):
+        raise UserError(f"{path}: 'method' must be a string, got {manifest['method']!r:.80}")
+    return class_names, channels, (size[0], size[1]), counts
+
+
 def read_image_set(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
     """(images (N, C, H, W) in [-1, 1], labels (N,), class_names, manifest) of a written set."""
     folder = Path(folder)
@@ -185,16 +279,7 @@ def read_image_set(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, list
     manifest = read_manifest(folder)
     if manifest.get("stage") not in STAGES:
         raise UserError(f"{folder} holds a {manifest.get('stage')!r} output, not an image set ({'/'.join(STAGES)})")
-    try:
-        class_names = _check_class_names(manifest["class_names"])
-        channels = int(manifest["channels"])
-        res = manifest["resolution"]
-        h, w = (int(res), int(res)) if not isinstance(res, list) else (int(res[0]), int(res[1]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{folder / 'manifest.json'} lacks a valid class_names/channels/resolution ({e})") from None
-    if channels not in _MODES:
-        raise UserError(f"{folder / 'manifest.json'}: channels must be 1 or 3, got {channels}")
-    counts = manifest.get("counts")
+    class_names, channels, (h, w), counts = _set_shape(folder / "manifest.json", manifest)
 
     images, labels = [], []
     for label, name in enumerate(class_names):
@@ -204,7 +289,7 @@ def read_image_set(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, list
         files = sorted((p for p in sub.glob("*.png") if _png_index(p) is not None), key=_png_index)
         if not files:
             raise UserError(f"class folder {sub} holds no images")
-        if counts is not None and len(counts) == len(class_names) and counts[label] != len(files):
+        if counts is not None and counts[label] != len(files):
             raise UserError(f"class folder {sub} holds {len(files)} images, the manifest says {counts[label]}")
         for path in files:
             try:

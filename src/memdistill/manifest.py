@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -13,15 +15,122 @@ from typing import Any
 from .errors import UserError
 
 
+# OSError numbers that mean "no room left": a full disk, or the user's quota used up.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(path: str | Path, cleanup: str | Path | None = None):
+    """Turn a full disk (or quota) while writing ``path`` into a UserError that says so and names the path.
+    ``cleanup`` (a file or folder, e.g. the tmp file being written) is removed on any error, so a failed
+    write leaves nothing partial behind. Other OSErrors propagate unchanged (after the cleanup)."""
+    try:
+        yield
+    except BaseException as err:
+        if cleanup is not None:
+            cleanup = Path(cleanup)
+            if cleanup.is_dir() and not cleanup.is_symlink():
+                import shutil
+
+                shutil.rmtree(cleanup, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    cleanup.unlink()
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            raise UserError(f"the disk is full (or the quota used up) while writing {path}: free some space "
+                            f"and run the command again") from None
+        raise
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (tmp file + rename)."""
+    """Write JSON so that a reader never sees a half-written file (tmp file + rename).
+
+    Raises UserError when the disk is full (naming ``path``); no tmp file is left behind on any error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with disk_full_is_user_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with disk_full_is_user_error(path, cleanup=tmp), os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def read_json_object(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None,
+                     what: str = "") -> dict:
+    """The JSON object (dict) stored in ``path``, with each key of ``required`` present and of the given
+    type(s). Raises UserError naming the file when it cannot be read, is not valid JSON, is valid JSON of
+    another shape (a list, a string, ...), or lacks a key / has one of the wrong type. ``what`` ends the
+    message with advice (e.g. "delete it to redo that stage")."""
+    path = Path(path)
+    advice = f"; {what}" if what else ""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}){advice}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}){advice}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected an object{advice}")
+    for key, kind in (required or {}).items():
+        if key not in data:
+            raise UserError(f"{path} lacks the key {key!r}{advice}")
+        value = data[key]
+        # bool is an int to Python, never a number or a count in these files
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _types(kind)):
+            names = "/".join(t.__name__ for t in _types(kind))
+            raise UserError(f"{path}: {key!r} must be {names}, got {type(value).__name__}{advice}")
+    return data
+
+
+def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+NUMBER = (int, float)
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be written: ``path`` is a file, lies inside a
+    file, or its nearest existing folder is not writable (permissions, read-only or full disk). Creates
+    nothing. Which existing contents a stage may replace is the stage's rule (see refuse_existing).
+
+    Raises UserError naming ``option`` and the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder; choose another {option}")
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise UserError(f"{option} {path}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path} lies inside the file {existing}, not a folder; choose another {option}")
+    try:
+        # An unnamed temporary file (O_TMPFILE where the OS has it) proves writing works and leaves nothing.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise UserError(f"{option} {path}: the disk holding {existing} is full") from None
+        raise UserError(f"{option} {path}: cannot write in {existing} ({err.strerror}); choose another "
+                        f"{option}") from None
+    return path
+
+
+def refuse_existing(path: str | Path, what: str, names: tuple[str, ...] | None = None, overwrite: bool = False,
+                    resume: bool | None = None) -> None:
+    """The one rule of every stage for an output that exists: refuse it unless --overwrite (or --resume,
+    for a stage that can continue, i.e. ``resume`` is not None). ``names`` are the entries inside ``path``
+    that mark an earlier output (None: any entry does). ``what`` names it in the message ("a run")."""
+    path = Path(path)
+    if overwrite or resume or not path.is_dir():
+        return
+    held = [n for n in names if (path / n).exists()] if names is not None else list(path.iterdir())
+    if held:
+        options = "--resume to continue it or --overwrite to replace it" if resume is not None else \
+            "--overwrite to replace it"
+        raise UserError(f"{path} already holds {what}; pass {options}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -63,14 +172,14 @@ def write_manifest(folder: str | Path, stage: str, config: dict, **extra: Any) -
 
 
 def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
-    """The manifest of a stage's output folder; a clear error when it is missing or of another stage."""
+    """The manifest of a stage's output folder; a clear error (UserError) when it is missing, not a JSON object
+    with a "stage" string (and, when present, a "config" object), or of another stage."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise UserError(f"no manifest.json in {folder}: not the output of a memdistill stage")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg})") from None
+    data = read_json_object(path, {"stage": str})
+    if not isinstance(data.get("config", {}), dict):
+        raise UserError(f"{path}: 'config' must be an object, got {type(data['config']).__name__}")
     if stage is not None and data.get("stage") != stage:
         raise UserError(f"{folder} holds a {data.get('stage')!r} output, expected {stage!r}")
     return data

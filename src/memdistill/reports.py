@@ -40,19 +40,96 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 2, gap: int = 
     return canvas
 
 
+def class_grid(rows: Sequence[Sequence[torch.Tensor]], class_names: Sequence[str],
+               sections: Sequence[tuple[str, int]], pad: int = 2, gap: int = 8, min_cell: int = 56,
+               max_cell: int = 128) -> Image.Image:
+    """The grid of images people read: one row per class, labelled with the class name on the left, and
+    its columns in named sections (e.g. "distilled" then "real") with the name above each.
+
+    rows: rows[c] lists class c's images, (C, H, W) tensors in [-1, 1] of one size, section by section:
+        section s takes the next ``sections[s][1]`` entries (a class may have fewer; a missing or None
+        entry stays blank).
+    class_names: one per row. sections: (header, columns) pairs.
+    Small images are upscaled (nearest, by an integer factor) to at least ``min_cell`` pixels so that digits
+    stay visible; images larger than ``max_cell`` are shrunk to it so the picture stays small.
+    Raises ValueError when the rows and class names differ in number or no row holds an image.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if len(rows) != len(class_names):
+        raise ValueError(f"{len(rows)} rows but {len(class_names)} class names")
+    first = next((img for row in rows for img in row if img is not None), None)
+    if first is None:
+        raise ValueError("no images to draw")
+    h, w = first.shape[-2:]
+    zoom = max(1, -(-min_cell // max(h, w)))
+    ch, cw = h * zoom, w * zoom
+    if max(h, w) > max_cell:
+        scale = max_cell / max(h, w)
+        ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    label_w = max(text_size(str(n))[0] for n in class_names) + 2 * pad + 4
+    header_h = max(text_size(name)[1] for name, _ in sections) + 2 * pad + 4
+    # x of each section's first column, and the width of the whole picture
+    starts, x = [], label_w + pad
+    for s, (_, ncols) in enumerate(sections):
+        starts.append(x)
+        x += ncols * (cw + pad) + (gap if s < len(sections) - 1 else 0)
+    width, height = x, header_h + len(rows) * (ch + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for (name, ncols), x0 in zip(sections, starts):
+        tw, _ = text_size(name)
+        draw.text((x0 + max(0, (ncols * (cw + pad) - tw) // 2), pad), name, fill=(0, 0, 0), font=font)
+    for r, (row, cname) in enumerate(zip(rows, class_names)):
+        y = header_h + r * (ch + pad)
+        _, th = text_size(str(cname))
+        draw.text((pad, y + max(0, (ch - th) // 2)), str(cname), fill=(0, 0, 0), font=font)
+        cells = list(row)
+        for (_, ncols), x0 in zip(sections, starts):
+            part, cells = cells[:ncols], cells[ncols:]
+            for c, img in enumerate(part):
+                if img is None:
+                    continue
+                tile = Image.fromarray(_to_uint8_hwc(img.float().cpu())).resize((cw, ch), Image.NEAREST)
+                canvas.paste(tile, (x0 + c * (cw + pad), y))
+    return canvas
+
+
 def distilled_vs_real_grid(distilled: torch.Tensor, distilled_labels: torch.Tensor, real: torch.Tensor,
-                           real_labels: torch.Tensor, num_classes: int, per_class: int = 8) -> Image.Image:
-    """Per class (a row): up to ``per_class`` distilled images, a gap, then as many real ones."""
+                           real_labels: torch.Tensor, class_names: Sequence[str], per_class: int = 8) -> Image.Image:
+    """Per class (a row labelled with its name): up to ``per_class`` distilled images under the header
+    "distilled", then as many real ones under "real". Images (N, C, H, W) in [-1, 1], labels (N,) indexing
+    ``class_names``."""
+    k = len(class_names)
+    n_d = min(per_class, max(int((distilled_labels == c).sum()) for c in range(k)))
+    n_r = min(per_class, max(int((real_labels == c).sum()) for c in range(k)))
     rows = []
-    for c in range(num_classes):
-        d = distilled[distilled_labels == c][:per_class]
-        r = real[real_labels == c][:per_class]
-        rows.append(list(d) + list(r))
-    return image_grid(rows, split=min(per_class, max(int((distilled_labels == c).sum()) for c in range(num_classes))))
+    for c in range(k):
+        d = list(distilled[distilled_labels == c][:n_d])
+        r = list(real[real_labels == c][:n_r])
+        rows.append(d + [None] * (n_d - len(d)) + r)
+    return class_grid(rows, class_names,
+                      [("distilled", n_d), ("real", n_r)])
 
 
-def accuracy_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Bar plot of mean top-1 (+- std) per method. ``rows``: dicts with method, best_mean, best_std."""
+def accuracy_caption(rows: list[dict]) -> str:
+    """What accuracy_plot draws, in words: the statistic, the mean, the error bars and over how many
+    repeats (from each row's ``per_repeat`` list when present)."""
+    repeats = sorted({len(r["per_repeat"]) for r in rows if "per_repeat" in r})
+    over = f"{'/'.join(map(str, repeats))} repeat{'s' if repeats != [1] else ''}" if repeats else "the repeats"
+    spread = "no error bar: one repeat" if repeats == [1] else "error bars: sample std"
+    return f"bar: mean over {over} of each classifier's best top-1; {spread}"
+
+
+def accuracy_figure(rows: list[dict], title: str = ""):
+    """The matplotlib figure of accuracy_plot (for tests and notebooks); close it with plt.close."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,11 +144,21 @@ def accuracy_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     for bar, m, s in zip(bars, means, stds):
         ax.annotate(f"{m:.1f}", (bar.get_x() + bar.get_width() / 2, m + s), ha="center", va="bottom", fontsize=9,
                     xytext=(0, 2), textcoords="offset points")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("best top-1 accuracy (%)")
     ax.set_ylim(0, min(100, max(m + s for m, s in zip(means, stds)) * 1.2 + 5))
-    ax.set_title(title, fontsize=10)
+    caption = accuracy_caption(rows)
+    ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def accuracy_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Bar plot of the mean best top-1 (with sample-std error bars) per method, captioned with what it shows
+    (accuracy_caption). ``rows``: dicts with method, best_mean, best_std and, optionally, per_repeat."""
+    fig = accuracy_figure(rows, title)
+    import matplotlib.pyplot as plt  # after accuracy_figure chose the Agg backend
+
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,6 +5,7 @@ Layout of the output folder:
     sets/<method>/       each evaluated image set (the distilled one and the real baselines)
     eval/<method>.json   each set's evaluation
     report.md, results.json, grid.png, accuracy.png, run_config.json
+    timings.json         seconds per stage, updated as each stage ends (kept by --resume)
 A stage whose output is complete is not redone when the same command is run again with --resume;
 run_config.json makes sure "the same command" holds.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
-from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
+from .manifest import (NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing,
+                       write_json_atomic, write_manifest)
 from .sample import SampleConfig, sample_set
 from .train import TrainConfig
 
@@ -58,22 +60,32 @@ WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_ev
               "sample.device", "sample.batch_size", "eval.device"}
 
 
+def _settings_now(cfg: RunConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
 def _check_same_run(out: Path, cfg: RunConfig) -> None:
-    """Completed stages are reused on --resume, so the settings must be the ones they were made with."""
+    """Completed stages are reused on --resume, so the settings must be the ones they were made with.
+    Only checks: run_config.json is written once every check of the command has passed."""
     path = out / "run_config.json"
-    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     if path.is_file():
-        refuse_changed_settings(json.loads(path.read_text()), now, ignore=WATCH_ONLY)
-    write_json_atomic(path, now)
+        refuse_changed_settings(read_json_object(path, what="pass --overwrite to start the run afresh"),
+                                _settings_now(cfg), ignore=WATCH_ONLY)
+
+
+# Keys of an eval/<method>.json that the report reads.
+EVAL_KEYS = {"ipc": int, "net": str, "best_mean": NUMBER, "best_std": NUMBER, "last_mean": NUMBER,
+             "last_std": NUMBER, "per_repeat": list, "epochs": int}
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    from .baselines import select_real
+    """Fine-tune, sample, select the baselines, evaluate every set and write the report into ``out``;
+    returns report.md. Every check (options, output folder, data against IPC, nets) runs before anything is
+    written, and a command refused before its first stage leaves nothing behind. With ``resume``, complete
+    stages are kept, with the time they took when they ran (timings.json)."""
     from .data import open_dataset
-    from .imageset import read_image_set
-    from .reports import accuracy_plot, distilled_vs_real_grid, write_run_report
 
-    out = Path(out)
+    out = check_output_folder(out)
     ft = cfg.finetune
     if cfg.ipc < 1:
         raise UserError(f"--ipc must be at least 1, got {cfg.ipc}")
@@ -82,11 +94,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
     cfg.sample.validate()
     cfg.eval.validate()
     test = resolve_test_set(ft.data, cfg.test)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-    _check_same_run(out, cfg)
+    refuse_existing(out, "a run", overwrite=overwrite, resume=resume)
+    if resume:
+        _check_same_run(out, cfg)
     # The train set is checked up front so a bad IPC fails before minutes of fine-tuning.
     train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images)
     counts = [int((train_ds.targets == c).sum()) for c in range(train_ds.num_classes)]
@@ -101,12 +111,46 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
     build_net(cfg.eval.net, train_ds.num_classes, train_ds.channels, cfg.eval.image_size or train_ds.resolution,
               cfg.eval.norm)
 
+    # Every check passed: from here on the command writes.
+    if out.exists() and not resume and any(out.iterdir()):
+        shutil.rmtree(out)  # refuse_existing let it through: --overwrite
+    created = not out.exists()
+    fresh = created or not any(out.iterdir())
+    write_json_atomic(out / "run_config.json", _settings_now(cfg))
+    try:
+        return _run_stages(cfg, out, train_ds, counts, baselines, test)
+    except UserError:
+        # Refused before any stage made something worth keeping (e.g. an --init that does not fit the data):
+        # leave the folder as it was, so the corrected command is not refused as "already holds a run".
+        if fresh and not any((out / "finetune" / "checkpoints").glob("*")) and not (out / "sets").exists():
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for p in out.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
+
+
+def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baselines: list[str], test: str) -> Path:
+    from .baselines import select_real
+    from .imageset import read_image_set
+    from .reports import accuracy_plot, distilled_vs_real_grid, write_run_report
+
+    ft = cfg.finetune
+    timings_path = out / "timings.json"
+    # Seconds per stage, kept across invocations: a stage reused on --resume keeps the time it took then.
     timings: dict[str, float] = {}
+    if timings_path.is_file():
+        saved = read_json_object(timings_path, what="delete it to drop the stored timings")
+        timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
+    fresh_timings: set[str] = set()
 
     def timed(name, fn, *args, **kwargs):
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
         timings[name] = time.perf_counter() - t0
+        fresh_timings.add(name)
+        write_json_atomic(timings_path, timings)
         return result
 
     # 1. fine-tune
@@ -135,7 +179,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
     for name, folder in sets.items():
         path = out / "eval" / f"{name}.json"
         if path.is_file():
-            result = json.loads(path.read_text())
+            result = read_json_object(path, EVAL_KEYS, what="delete it to evaluate that set again")
         else:
             result = timed(f"evaluate {name}", evaluate_image_set, folder, test, eval_cfg,
                            subset=ft.subset, resolution=None)
@@ -151,7 +195,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
     import torch
 
     grid = distilled_vs_real_grid(images, labels, torch.stack(real_images), torch.tensor(real_labels),
-                                  len(class_names))
+                                  class_names)
     grid.save(out / "grid.png")
     accuracy_plot(results, out / "accuracy.png",
                   title=f"{ft.data}, IPC {cfg.ipc}, {eval_cfg.net}, {eval_cfg.repeats} repeats")
@@ -164,9 +208,13 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
                 "net": eval_cfg.net, "repeats": eval_cfg.repeats, "eval_epochs": summary[0]["epochs"],
                 "cfg_scale": cfg.sample.cfg_scale, "sample_steps": cfg.sample.steps, "seed": ft.seed}
     notes = []
-    if timings.keys() != {"finetune", "sample", *(f"select {b}" for b in baselines),
-                          *(f"evaluate {m}" for m in sets)}:
-        notes.append("Some stages were complete from an earlier invocation and were not timed again.")
+    expected = ["finetune", "sample", *(f"select {b}" for b in baselines), *(f"evaluate {m}" for m in sets)]
+    if set(timings) - fresh_timings:
+        notes.append("Stages complete from an earlier invocation were reused; their timings are the ones "
+                     "measured when they ran.")
+    missing = [name for name in expected if name not in timings]
+    if missing:
+        notes.append(f"Not timed (made before timings were stored): {', '.join(missing)}.")
     if eval_cfg.epochs is not None:
         notes.append(f"Evaluation trained for {eval_cfg.epochs} epochs (the protocol's IPC table would use more); "
                      "pass --eval-epochs none for the full protocol.")

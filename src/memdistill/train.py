@@ -193,8 +193,11 @@ def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, r
 
 
 def save_atomic(obj, path: Path) -> None:
+    from .manifest import disk_full_is_user_error
+
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with disk_full_is_user_error(path, cleanup=tmp):  # a full disk: one line, and no .tmp left behind
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -403,8 +403,11 @@ def save_export(folder: str | os.PathLike, model: DiT, config: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(_plain_state_dict(model), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / EXPORT_CONFIG).write_text(text + "\n")
+        from ..manifest import disk_full_is_user_error
+
+        with disk_full_is_user_error(folder):  # the finally below removes the tmp folder
+            save_file(_plain_state_dict(model), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+            (tmp / EXPORT_CONFIG).write_text(text + "\n")
         if folder.exists():
             folder.rename(old)
         tmp.rename(folder)
