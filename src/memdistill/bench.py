@@ -39,7 +39,8 @@ from .baselines import select_real
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
-from .manifest import refuse_changed_settings, write_json_atomic
+from .manifest import (NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing,
+                       write_json_atomic)
 from .sample import SampleConfig, sample_set
 from .train import TrainConfig
 
@@ -291,7 +292,8 @@ class _Bench:
         self.timings: dict[str, float] = {}
         path = out / "timings.json"
         if path.is_file():
-            self.timings = json.loads(path.read_text())
+            saved = read_json_object(path, what="delete it to drop the stored timings")
+            self.timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
         self._features = None
 
     def timed(self, name: str, fn: Callable, *args, **kwargs):
@@ -339,7 +341,7 @@ class _Bench:
     # -- evaluation and metrics
     def cell(self, path: Path, set_folder: Path, net: str, label: str) -> dict:
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_json_object(path, CELL_KEYS, what="delete it to evaluate that cell again")
         log.info("cell %s: evaluating %s, %d repeats", label, net, self.cfg.repeats)
         config = dataclasses.replace(self.cfg.eval, net=net, repeats=self.cfg.repeats)
         t0 = time.perf_counter()
@@ -355,7 +357,10 @@ class _Bench:
         from .metrics import coverage, penultimate_features, within_class_diversity
 
         if path.is_file():
-            return json.loads(path.read_text())
+            data = read_json_object(path, {"coverage": NUMBER}, what="delete it to measure that set again")
+            if data.get("diversity") is not None and not isinstance(data["diversity"], NUMBER):
+                raise UserError(f"{path}: 'diversity' must be a number or null; delete it to measure that set again")
+            return data
         extractor, real_f, real_y = self.feature_space()
         t0 = time.perf_counter()
         images, labels, _, _ = read_image_set(set_folder)
@@ -397,7 +402,11 @@ class _Bench:
         model = build_net(cfg.feature_net, k, channels, side)
         path = folder / "extractor.pt"
         saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-        if saved is not None and json.loads(saved["spec"]) == spec:
+        try:
+            cached = json.loads(saved["spec"]) == spec and isinstance(saved["state_dict"], dict)
+        except (TypeError, KeyError, ValueError):
+            cached = False  # no cache, or one of another shape: train the extractor again
+        if cached:
             model.load_state_dict(saved["state_dict"])
             model = model.to(cfg.eval.device).eval()
             log.info("feature extractor: cached in %s", path)
@@ -422,7 +431,13 @@ class _Bench:
 
     def extractor_info(self) -> dict | None:
         path = self.out / "features" / "extractor.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json_object(path, {"net": str, "epochs": int, "test_top1": NUMBER},
+                                what="delete the features folder to train the extractor again") if path.is_file() else None
+
+
+# Keys of a cells/*.json that the tables read.
+CELL_KEYS = {"best_mean": NUMBER, "best_std": NUMBER, "last_mean": NUMBER, "last_std": NUMBER, "per_repeat": list,
+             "epochs": int}
 
 
 def _prefix_set(source: Path, k: int, out: Path) -> Path:
@@ -441,26 +456,22 @@ def _prefix_set(source: Path, k: int, out: Path) -> Path:
 
 
 def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -> _Bench:
+    """Check everything (options, the output folder, the data against the IPCs, the nets), then, only then,
+    prepare ``out``: a refused command writes nothing."""
     from .nets import build_net
 
     cfg.validate()
-    out = Path(out)
+    out = check_output_folder(out)
     ft = cfg.finetune
     test = resolve_test_set(ft.data, cfg.test)
     if "dit" in cfg.method_list() or set(MEMORY_OF) & set(cfg.method_list()) or cfg.sweep:
         if ft.init is None:
             raise UserError("bench needs --init (the pretrained model) for the dit, minimax and adaptive methods")
     fingerprint = _fingerprint(cfg, test)
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            if not overwrite:
-                raise UserError(f"{out} already holds a bench; pass --resume to continue it or --overwrite to "
-                                "replace it")
-            shutil.rmtree(out)
-        elif (out / "config.json").is_file():
-            refuse_changed_settings(json.loads((out / "config.json").read_text()), fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", fingerprint)
+    refuse_existing(out, "a bench", overwrite=overwrite, resume=resume)
+    if resume and (out / "config.json").is_file():
+        refuse_changed_settings(read_json_object(out / "config.json", what="pass --overwrite to start afresh"),
+                                fingerprint)
 
     bench = _Bench(cfg, out, test)
     ds = bench.train_ds
@@ -476,6 +487,13 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
         build_net(net, ds.num_classes, ds.channels, cfg.eval.image_size or ds.resolution, cfg.eval.norm)
     if cfg.metrics:
         build_net(cfg.feature_net, ds.num_classes, ds.channels, ds.resolution)
+
+    # Every check passed: from here on the command writes.
+    if not resume and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # refuse_existing let it through: --overwrite
+        bench.timings = {}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", fingerprint)
     return bench
 
 
@@ -738,6 +756,9 @@ def config_from_namespace(args: argparse.Namespace) -> BenchConfig:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    from .cli import check_out
+
+    check_out(args, "a bench")
     cfg = config_from_namespace(args)
     report = run_bench(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if cfg.sweep:

@@ -124,10 +124,27 @@ def say(message: str) -> None:
         print(message)
 
 
+# Entries that mark a training run's folder (as train.prepare_output reads them).
+TRAIN_RUN_MARKS = ("config.json", "checkpoints/last.pt", "manifest.json")
+
+
+def check_out(args: argparse.Namespace, what: str, names: tuple[str, ...] | None = None,
+              resumable: bool = True) -> None:
+    """The output check every stage runs first, before loading data or models: --out must be a folder that
+    can be written, and an earlier output in it (any of ``names`` inside it; None: anything) is refused
+    unless --overwrite (or --resume, for a ``resumable`` stage). Creates nothing."""
+    from .manifest import check_output_folder, refuse_existing
+
+    check_output_folder(args.out)
+    refuse_existing(args.out, what, names, overwrite=args.overwrite,
+                    resume=getattr(args, "resume", False) if resumable else None)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_defaults
     from .train import TrainConfig
 
+    check_out(args, "a run", TRAIN_RUN_MARKS)
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     say(f"pretrained model exported to {export}")
@@ -137,14 +154,17 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from .finetune import finetune, finetune_defaults
     from .train import TrainConfig
 
+    check_out(args, "a run", TRAIN_RUN_MARKS)
     cfg = config_from_args(TrainConfig, args, finetune_defaults())
     export = finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     say(f"fine-tuned model exported to {export}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
+    from .imageset import check_target
     from .sample import SampleConfig, parse_classes, sample_set
 
+    check_target(args.out, args.overwrite)
     cfg = config_from_args(SampleConfig, args, SampleConfig())
     cfg = dataclasses.replace(cfg, classes=parse_classes(args.classes))
     out = sample_set(cfg, args.out, overwrite=args.overwrite)
@@ -154,7 +174,9 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_select(args: argparse.Namespace) -> None:
     from .baselines import select_real
     from .data import open_dataset
+    from .imageset import check_target
 
+    check_target(args.out, args.overwrite)  # before the data is read
     ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images)
     out = select_real(args.method, ds, args.ipc, args.seed, args.out, overwrite=args.overwrite)
     say(f"selected {args.ipc} real images per class ({args.method}) into {out}")
@@ -170,6 +192,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig, evaluate_image_set
     from .manifest import write_json_atomic
 
+    # One rule for every stage: an earlier result is replaced only with --overwrite, checked before training.
+    check_out(args, "results (results.json)", ("results.json",), resumable=False)
+    if (Path(args.out) / "results.json").is_dir():
+        raise UserError(f"--out {args.out}: results.json there is a folder; choose another --out")
     cfg = config_from_args(EvalConfig, args, EvalConfig())
     result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
                                 resolution=args.resolution)
@@ -184,6 +210,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from .sample import SampleConfig
     from .train import TrainConfig
 
+    check_out(args, "a run")
     base = RunConfig()
     cfg = RunConfig(ipc=args.ipc, baselines=args.baselines, test=args.test,
                     finetune=config_from_args(TrainConfig, args, base.finetune),
@@ -253,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="load test images at this size (default: the set's)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
     p.set_defaults(func=_cmd_evaluate)
 
     run_defaults = RunConfig()
@@ -295,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        from .manifest import DISK_FULL
+
+        if err.errno not in DISK_FULL:
+            raise
+        # A write the stages' own helpers do not wrap (a log line, a report): still one line, with the path.
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(f"memdistill {args.command}: error: the disk is full (or the quota used up){where}: free some "
+              "space and run the command again", file=sys.stderr)
+        return 2
     return 0
 
 

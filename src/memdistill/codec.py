@@ -68,7 +68,7 @@ def _vae_folder(path: Path) -> tuple[Path, str | None]:
         if cfg.is_file():
             try:
                 cls = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name")
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON but not an object
                 cls = None
             if cls == "AutoencoderKL":
                 return path, sub

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +28,9 @@ def resolve_model(spec: str) -> Path:
                         "an export folder, an official .pt or a diffusers DiT folder)")
     manifest = path / "manifest.json"
     if path.is_dir() and manifest.is_file():
-        export = json.loads(manifest.read_text()).get("export")
-        if export:
+        from .manifest import read_manifest
+
+        export = read_manifest(path).get("export")  # one line for a manifest that is not a stage's
+        if isinstance(export, str) and export:
             return path / export
     return path

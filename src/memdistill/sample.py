@@ -108,13 +108,36 @@ def _run_info(export: Path) -> dict:
         data = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return {}
-    if data.get("export") != export.name:
+    if not isinstance(data, dict) or data.get("export") != export.name:  # not a run's manifest: no run info
         return {}
     info = {"run": str(export.parent), "run_stage": data.get("stage"), "data": data.get("data")}
     memory = (data.get("config") or {}).get("memory")
     if memory is not None:
         info["memory"] = memory
     return info
+
+
+def _check_export_fields(path: Path, cfg: dict) -> None:
+    """The keys of an export's config.json that sampling reads, each of the JSON shape it needs; one line
+    naming ``path`` and the key otherwise."""
+    def ints(v, n: int | None = None) -> bool:
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+
+    checks = {
+        "class_names": (lambda v: isinstance(v, list) and v and all(isinstance(n, str) for n in v),
+                        "a list of class names"),
+        "cond_labels": (lambda v: ints(v, len(cfg["class_names"])), "one integer label per class"),
+        "image_shape": (lambda v: ints(v, 3), "[channels, height, width]"),
+        "latent_shape": (lambda v: v is None or ints(v, 3), "[channels, height, width]"),
+        "codec": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("name"), str)),
+                  'an object with a "name"'),
+    }
+    for key, (ok, shape) in checks.items():
+        if key == "image_shape" and key not in cfg:
+            raise UserError(f"{path} lacks the key 'image_shape' ([channels, height, width])")
+        if key in cfg and not ok(cfg[key]):
+            raise UserError(f"{path}: {key!r} must be {shape}, got {cfg[key]!r:.80}")
 
 
 def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampler:
@@ -131,12 +154,13 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
             text = json.loads((path / EXPORT_CONFIG).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {path / EXPORT_CONFIG}: {e}") from None
-        if isinstance(text.get("model"), dict) and "class_names" in text:
+        if isinstance(text, dict) and isinstance(text.get("model"), dict) and "class_names" in text:
             export_cfg = text
     source = {"model": cfg.model, "path": str(path)}
 
     if export_cfg is not None:
         model, export_cfg = load_export(path)
+        _check_export_fields(path / EXPORT_CONFIG, export_cfg)
         if cfg.subset is not None:
             raise UserError(f"{path} is an export with its own class list; subset is only for bare checkpoints")
         class_names = list(export_cfg["class_names"])

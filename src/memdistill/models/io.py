@@ -225,9 +225,12 @@ def _resolve_folder(path: Path) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):  # valid JSON of another shape
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
 
 
 def load_state_dict_any(path: str | os.PathLike) -> dict[str, torch.Tensor]:
