@@ -108,6 +108,9 @@ def distilled_vs_real_grid(distilled: torch.Tensor, distilled_labels: torch.Tens
     "distilled", then as many real ones under "real". Images (N, C, H, W) in [-1, 1], labels (N,) indexing
     ``class_names``."""
     k = len(class_names)
+    top = max(int(distilled_labels.max()), int(real_labels.max()))
+    if top >= k:
+        raise ValueError(f"label {top} has no entry among the {k} class names")
     n_d = min(per_class, max(int((distilled_labels == c).sum()) for c in range(k)))
     n_r = min(per_class, max(int((real_labels == c).sum()) for c in range(k)))
     rows = []
