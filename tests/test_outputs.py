@@ -372,3 +372,11 @@ def test_every_written_set_has_a_labelled_grid(tmp_path):
         assert grid.height > 3 * 56 and grid.width > 2 * 56  # three labelled rows of two upscaled cells
     x, y, names, manifest = read_image_set(out)  # the reader ignores the picture
     assert x.shape == (6, 3, 8, 8) and names == ["a", "b", "c"] and manifest["grid"] == "grid.png"
+
+
+def test_refused_bench_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = run_cli(*STAGES["bench"], "--ipcs", "1000", "--out", out)
+    one_line_error(capsys, code, "IPC 1000")
+    assert not out.exists()
+    assert run_cli(*STAGES["bench"], "--out", out) == 0
