@@ -44,6 +44,7 @@ class SampleConfig:
     subset: str | None = None  # class list: built-in name (imagewoof, ...) or a text file of names
     codec: str | None = None  # pixel | vae; None = the export's (vae when `vae` is given for a bare checkpoint)
     vae: str | None = None  # local AutoencoderKL folder used to decode (e.g. sd-vae-ft-mse)
+    vae_batch_size: int = 32  # latents decoded per VAE call (a 256 px SD-VAE decode needs ~1 GB per 8 images)
 
     def validate(self) -> None:
         if self.ipc < 1:
@@ -58,6 +59,8 @@ class SampleConfig:
             raise UserError(f"eta must be >= 0, got {self.eta}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.vae_batch_size < 1:
+            raise UserError(f"--vae-batch-size must be at least 1, got {self.vae_batch_size}")
         if self.guided_channels is not None and self.guided_channels < 1:
             raise UserError(f"guided_channels must be at least 1 (or None for all), got {self.guided_channels}")
         resolve_device(self.device)
@@ -164,7 +167,9 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
     bad = [c for c in cond_labels if not 0 <= c < model.num_classes]
     if bad:
         raise UserError(f"class indices {bad} are outside the model's {model.num_classes} classes")
-    codec = make_codec(codec_cfg["name"], codec_cfg.get("path"), device=device)
+    codec = make_codec(codec_cfg["name"], codec_cfg.get("path"), device=device, batch_size=cfg.vae_batch_size)
+    if hasattr(codec, "load"):
+        codec.load()  # a damaged VAE folder fails now, not after the first batch has been sampled
     if image_shape is None:
         if codec.name == "pixel":
             image_shape = latent_shape
