@@ -26,6 +26,9 @@ from .models.dit import DiT, guided
 
 log = logging.getLogger(__name__)
 
+# What sampling needs from an export's config.json beside the architecture (see train.run_training).
+EXPORT_KEYS = ("class_names", "image_shape")
+
 
 @dataclass
 class SampleConfig:
@@ -134,7 +137,11 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
             text = json.loads((path / EXPORT_CONFIG).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {path / EXPORT_CONFIG}: {e}") from None
-        if isinstance(text.get("model"), dict) and "class_names" in text:
+        if isinstance(text, dict) and isinstance(text.get("model"), dict):  # written by save_export
+            missing = [k for k in EXPORT_KEYS if not isinstance(text.get(k), list)]
+            if missing:
+                raise UserError(f"{path / EXPORT_CONFIG} is a damaged memdistill export: it lacks a valid "
+                                f"{', '.join(missing)}")
             export_cfg = text
     source = {"model": cfg.model, "path": str(path)}
 
