@@ -173,3 +173,32 @@ def test_bare_checkpoint_needs_classes_and_codec(tmp_path):
     out = sample_set(cfg(tmp_path / "dit.pt", subset=str(names), codec="pixel", ipc=1), tmp_path / "set")
     x, y, classes, m = read_image_set(out)
     assert classes == ["a", "b", "c"] and x.shape == (3, 1, 8, 8) and m["source"]["stage"] == "checkpoint"
+
+
+def test_sampling_an_unfinished_run_says_how_to_finish_it(tiny_model, tmp_path, capsys):
+    from memdistill.cli import main
+
+    run = tmp_path / "killed"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"state")
+    (run / "config.json").write_text('{"stage": "finetune"}')
+    assert main(["sample", "--model", str(run), "--out", str(tmp_path / "set")]) == 2
+    err = capsys.readouterr().err
+    assert "unfinished finetune run" in err and "--resume" in err and "needs vae" not in err
+    assert not (tmp_path / "set").exists()
+
+
+def test_a_damaged_export_names_what_it_lacks(tiny_model, tmp_path, capsys):
+    import json
+    import shutil
+
+    from memdistill.cli import main
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_model, export)
+    cfg = json.loads((export / "config.json").read_text())
+    del cfg["class_names"]
+    (export / "config.json").write_text(json.dumps(cfg))
+    assert main(["sample", "--model", str(export), "--out", str(tmp_path / "set")]) == 2
+    err = capsys.readouterr().err
+    assert "damaged memdistill export" in err and "class_names" in err

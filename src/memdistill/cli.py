@@ -104,6 +104,7 @@ SAMPLE_HELP = {
     "subset": "class list for a checkpoint without an export config",
     "codec": "codec for a checkpoint without an export config",
     "vae": "local AutoencoderKL folder used to decode",
+    "vae_batch_size": "latents decoded per VAE call (lower it if decoding runs out of GPU memory)",
 }
 
 EVAL_HELP = {
@@ -333,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memdistill {args.command}: error: the disk is full (or the quota used up){where}: free some "
               "space and run the command again", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # torchrun: release the process group (NCCL warns when it leaks)
     return 0
 
 

@@ -76,33 +76,61 @@ def _vae_folder(path: Path) -> tuple[Path, str | None]:
 
 
 class VAECodec(Codec):
-    """A diffusers AutoencoderKL; latents are one posterior sample times the VAE's scaling factor."""
+    """A diffusers AutoencoderKL; latents are one posterior sample times the VAE's scaling factor.
+
+    Only the folder's config.json is read at construction; the weights load on the first encode or decode
+    (or ``load()``), so a run that finds its latents cached, or a torchrun rank that receives them from
+    rank 0, never loads the VAE.
+    """
 
     name = "vae"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = Path(path).expanduser()
         if not path.is_dir():
             raise UserError(f"VAE folder not found: {path}")
-        folder, sub = _vae_folder(path)
-        from diffusers import AutoencoderKL
-
-        try:
-            vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot load the AutoencoderKL in {path}: {str(e).splitlines()[0]}") from e
+        if batch_size < 1:
+            raise UserError(f"the VAE batch size must be >= 1, got {batch_size}")
+        self.folder, self.subfolder = _vae_folder(path)
         self.path = path.resolve()
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.vae = vae.to(self.device).eval().requires_grad_(False)
-        cfg = self.vae.config
-        self.scaling_factor = float(cfg.scaling_factor)
-        # Newer VAEs (SD3, Flux) also shift latents; SD VAEs have none.
-        shift = getattr(cfg, "shift_factor", None)
-        self.shift_factor = float(shift) if shift is not None else 0.0
-        self.latent_channels = int(cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self._vae = None
+        config_file = self.folder / (self.subfolder or "") / "config.json"
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+        try:
+            # diffusers' AutoencoderKL defaults, for configs that omit a key.
+            self.scaling_factor = float(cfg.get("scaling_factor", 0.18215))
+            # Newer VAEs (SD3, Flux) also shift latents; SD VAEs have none.
+            shift = cfg.get("shift_factor")
+            self.shift_factor = float(shift) if shift is not None else 0.0
+            self.latent_channels = int(cfg.get("latent_channels", 4))
+            self.downsample = 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{config_file}: invalid AutoencoderKL config ({e})") from None
+
+    def load(self) -> "VAECodec":
+        """Load the weights now (a clear error for a damaged folder before any other work)."""
+        _ = self.vae
+        return self
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from diffusers import AutoencoderKL
+            from diffusers.utils import is_accelerate_available
+
+            try:
+                # Passing low_cpu_mem_usage explicitly keeps diffusers from printing its "accelerate not
+                # found" advice on every load; with accelerate installed, the faster path is taken.
+                vae = AutoencoderKL.from_pretrained(self.folder, subfolder=self.subfolder, local_files_only=True,
+                                                    low_cpu_mem_usage=is_accelerate_available())
+            except (OSError, ValueError, RuntimeError) as e:
+                raise UserError(f"cannot load the AutoencoderKL in {self.path}: {str(e).splitlines()[0]}") from e
+            log.info("loaded the AutoencoderKL of %s on %s", self.path, self.device)
+            self._vae = vae.to(self.device).eval().requires_grad_(False)
+        return self._vae
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -132,18 +160,30 @@ class VAECodec(Codec):
         return {"name": self.name, "path": str(self.path)}
 
 
-def make_codec(name: str, path: str | Path | None = None, device: str | torch.device = "cpu") -> Codec:
-    """'pixel', or 'vae' with the path of a local AutoencoderKL folder."""
+def make_codec(name: str, path: str | Path | None = None, device: str | torch.device = "cpu",
+               batch_size: int = 32) -> Codec:
+    """'pixel', or 'vae' with the path of a local AutoencoderKL folder (``batch_size`` images per VAE call)."""
     if name == "pixel":
         return PixelCodec()
     if name == "vae":
         if path is None:
             raise UserError("the vae codec needs the path of a local AutoencoderKL folder")
-        return VAECodec(path, device=device)
+        return VAECodec(path, device=device, batch_size=batch_size)
     raise UserError(f"unknown codec '{name}': use one of {', '.join(CODECS)}")
 
 
 # ----------------------------------------------------------------------------- latent cache
+
+
+def loader_workers(dataset, limit: int = 8) -> int:
+    """DataLoader worker processes for reading ``dataset`` once: none for in-memory tensors, else one per
+    available core (at most ``limit``), leaving one core to the main process."""
+    from memdistill.data import TensorImageDataset
+
+    if isinstance(dataset, TensorImageDataset):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(limit, cores - 1))
 
 
 def cache_key(codec: Codec, dataset) -> str:
@@ -206,7 +246,11 @@ def encode_dataset(
                 log.warning("latent cache %s is unreadable (%s); re-encoding", path, e)
 
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    # Decoding thousands of JPEGs is the slow part of a one-time encode on a GPU: worker processes decode
+    # while the VAE runs; pinned memory speeds the copies to the GPU.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=loader_workers(dataset),
+                                         pin_memory=getattr(codec, "device", torch.device("cpu")).type == "cuda")
     zs, ys = [], []
     for x, y in tqdm(loader, desc=f"encoding ({codec.name})", unit="batch", disable=None):
         zs.append(codec.encode(x, generator=generator).cpu())

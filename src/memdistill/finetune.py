@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .devices import dist_setup
 from .train import TrainConfig, TrainData, load_train_data, run_training
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ def finetune(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite:
 
     cfg = dataclasses.replace(cfg, stage="finetune")
     cfg.validate()
-    data = load_train_data(cfg)
+    # The device comes first: under torchrun each rank must be on its own GPU before it loads or encodes data.
+    rank, world, device = dist_setup(cfg.device)
+    data = load_train_data(cfg, device, rank, world)
     model = load_init_model(cfg, data)
     count = set_trainable(model, cfg.train)
     log.info("fine-tuning %s parameters (%s) with memory=%s", f"{count:,}", cfg.train, cfg.memory)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import dist_setup
 from .train import TrainConfig, load_train_data, run_training
 
 
@@ -21,7 +22,9 @@ def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite:
 
     cfg = dataclasses.replace(cfg, stage="pretrain", train="all", init=None, memory="none")
     cfg.validate()
-    data = load_train_data(cfg)
+    # The device comes first: under torchrun each rank must be on its own GPU before it loads or encodes data.
+    rank, world, device = dist_setup(cfg.device)
+    data = load_train_data(cfg, device, rank, world)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     c, h, w = data.latents.shape[1:]
     model = build_dit(cfg.model, input_size=h, in_channels=c, num_classes=max(data.cond_labels) + 1,

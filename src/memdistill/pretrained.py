@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -33,4 +34,19 @@ def resolve_model(spec: str) -> Path:
         export = read_manifest(path).get("export")  # one line for a manifest that is not a stage's
         if isinstance(export, str) and export:
             return path / export
+    elif path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
+        # A training run killed (or still running) before its export: say so, and how to finish it.
+        stage = _run_stage(path / "config.json")
+        raise UserError(f"{path} is an unfinished {stage} run (a resume state but no export yet); finish it with "
+                        f"`memdistill {stage} --resume --out {path}` and the options it was started with "
+                        f"(saved in {path / 'config.json'})")
     return path
+
+
+def _run_stage(config: Path) -> str:
+    """The stage (pretrain / finetune) a run folder's config.json was written by; finetune when unknown."""
+    try:
+        stage = json.loads(config.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    return stage if stage in ("pretrain", "finetune") else "finetune"

@@ -26,6 +26,9 @@ from .models.dit import DiT, guided
 
 log = logging.getLogger(__name__)
 
+# What sampling needs from an export's config.json beside the architecture (see train.run_training).
+EXPORT_KEYS = ("class_names", "image_shape")
+
 
 @dataclass
 class SampleConfig:
@@ -44,6 +47,7 @@ class SampleConfig:
     subset: str | None = None  # class list: built-in name (imagewoof, ...) or a text file of names
     codec: str | None = None  # pixel | vae; None = the export's (vae when `vae` is given for a bare checkpoint)
     vae: str | None = None  # local AutoencoderKL folder used to decode (e.g. sd-vae-ft-mse)
+    vae_batch_size: int = 32  # latents decoded per VAE call (a 256 px SD-VAE decode needs ~1 GB per 8 images)
 
     def validate(self) -> None:
         if self.ipc < 1:
@@ -58,6 +62,8 @@ class SampleConfig:
             raise UserError(f"eta must be >= 0, got {self.eta}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.vae_batch_size < 1:
+            raise UserError(f"--vae-batch-size must be at least 1, got {self.vae_batch_size}")
         if self.guided_channels is not None and self.guided_channels < 1:
             raise UserError(f"guided_channels must be at least 1 (or None for all), got {self.guided_channels}")
         resolve_device(self.device)
@@ -133,9 +139,10 @@ def _check_export_fields(path: Path, cfg: dict) -> None:
         "codec": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("name"), str)),
                   'an object with a "name"'),
     }
+    missing = [key for key in EXPORT_KEYS if key not in cfg]
+    if missing:
+        raise UserError(f"{path} is a damaged memdistill export: it lacks {', '.join(missing)}")
     for key, (ok, shape) in checks.items():
-        if key == "image_shape" and key not in cfg:
-            raise UserError(f"{path} lacks the key 'image_shape' ([channels, height, width])")
         if key in cfg and not ok(cfg[key]):
             raise UserError(f"{path}: {key!r} must be {shape}, got {cfg[key]!r:.80}")
 
@@ -154,7 +161,7 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
             text = json.loads((path / EXPORT_CONFIG).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {path / EXPORT_CONFIG}: {e}") from None
-        if isinstance(text, dict) and isinstance(text.get("model"), dict) and "class_names" in text:
+        if isinstance(text, dict) and isinstance(text.get("model"), dict):  # written by save_export
             export_cfg = text
     source = {"model": cfg.model, "path": str(path)}
 
@@ -188,7 +195,9 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
     bad = [c for c in cond_labels if not 0 <= c < model.num_classes]
     if bad:
         raise UserError(f"class indices {bad} are outside the model's {model.num_classes} classes")
-    codec = make_codec(codec_cfg["name"], codec_cfg.get("path"), device=device)
+    codec = make_codec(codec_cfg["name"], codec_cfg.get("path"), device=device, batch_size=cfg.vae_batch_size)
+    if hasattr(codec, "load"):
+        codec.load()  # a damaged VAE folder fails now, not after the first batch has been sampled
     if image_shape is None:
         if codec.name == "pixel":
             image_shape = latent_shape

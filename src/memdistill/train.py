@@ -152,17 +152,44 @@ class TrainData:
     image_shape: tuple[int, ...]
 
 
-def load_train_data(cfg: TrainConfig) -> TrainData:
-    """The training split of ``cfg.data`` encoded by ``cfg.codec`` (cached when ``cfg.latent_cache`` is set)."""
+def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: int = 0, world: int = 1
+                    ) -> TrainData:
+    """The training split of ``cfg.data`` encoded by ``cfg.codec`` (cached when ``cfg.latent_cache`` is set).
+
+    Call it after ``dist_setup`` (so ``device`` is this rank's device). Under torchrun (``world`` > 1) with a
+    VAE, rank 0 alone encodes the images (or reads the cache); the other ranks never load the VAE and receive
+    the latents by broadcast.
+    """
     from .codec import encode_dataset, make_codec
     from .data import open_dataset
 
     ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images)
-    codec = make_codec(cfg.codec, cfg.vae, device=resolve_device(cfg.device))
+    codec = make_codec(cfg.codec, cfg.vae, device=device or resolve_device(cfg.device))
     cache = Path(cfg.latent_cache) if cfg.latent_cache else None
-    latents, targets = encode_dataset(codec, ds, cache, seed=cfg.seed)
+    if world > 1 and codec.name != "pixel":
+        latents, targets = _encode_on_rank0(codec, ds, cache, cfg.seed, rank, device)
+    else:
+        latents, targets = encode_dataset(codec, ds, cache, seed=cfg.seed)
     return TrainData(latents.float().cpu(), targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
                      ds.identity, codec.config(), (ds.channels, ds.resolution, ds.resolution))
+
+
+def _encode_on_rank0(codec, ds, cache: Path | None, seed: int, rank: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (N, *latent_shape), targets (N,)) encoded once by rank 0 and broadcast to every rank."""
+    from .codec import encode_dataset
+
+    shape = (len(ds), *codec.latent_shape((ds.channels, ds.resolution, ds.resolution)))
+    if rank == 0:
+        latents, targets = encode_dataset(codec, ds, cache, seed=seed)
+    else:
+        latents, targets = torch.empty(shape), torch.empty(len(ds), dtype=torch.long)
+    # NCCL moves only CUDA tensors; gloo only CPU ones.
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    latents, targets = latents.float().to(comm), targets.long().to(comm)
+    dist.broadcast(latents, src=0)
+    dist.broadcast(targets, src=0)
+    return latents.cpu(), targets.cpu()
 
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
@@ -203,9 +230,10 @@ def save_atomic(obj, path: Path) -> None:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        if pm.requires_grad:
-            pe.lerp_(pm.detach(), 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model on the trainable parameters, as one fused foreach op."""
+    pairs = [(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters()) if pm.requires_grad]
+    if pairs:
+        torch._foreach_lerp_([pe for pe, _ in pairs], [pm.detach() for _, pm in pairs], 1.0 - decay)
 
 
 def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data: TrainData,
