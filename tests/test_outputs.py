@@ -322,7 +322,7 @@ def test_partial_folders_of_dead_processes_are_removed(tmp_path):
 
 
 def test_pid_alive():
-    from memdistill.imageset import pid_alive
+    from memdistill.manifest import pid_alive
 
     assert pid_alive(os.getpid())
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -380,3 +380,15 @@ def test_refused_bench_writes_nothing(tmp_path, capsys):
     one_line_error(capsys, code, "IPC 1000")
     assert not out.exists()
     assert run_cli(*STAGES["bench"], "--out", out) == 0
+
+
+def test_export_folders_of_dead_processes_are_removed(tmp_path, tiny_model):
+    from memdistill.models.io import load_export, save_export
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".export.tmp-{dead.pid}").mkdir()  # a kill -9 in the middle of an earlier export
+    (tmp_path / f".export.old-{dead.pid}").mkdir()
+    model, cfg = load_export(tiny_model)
+    save_export(tmp_path / "export", model, {k: v for k, v in cfg.items() if k != "model"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

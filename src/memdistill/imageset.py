@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .manifest import check_output_folder, disk_full_is_user_error, read_manifest, write_manifest
+from .manifest import (check_output_folder, disk_full_is_user_error, read_manifest, remove_dead_partials,
+                       write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -65,35 +66,6 @@ def _check_class_names(class_names: Sequence[str]) -> list[str]:
 def partial_path(out: Path, pid: int | None = None) -> Path:
     """The hidden sibling folder a set is written into before it is renamed to ``out``."""
     return out.parent / f".{out.name}.partial-{os.getpid() if pid is None else pid}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (signal 0 checks without sending anything). A process of another
-    user (EPERM) counts as alive: only a folder whose writer is certainly gone may be removed."""
-    if pid <= 0:
-        return True  # not a real writer's pid: never treat as dead
-    try:
-        os.kill(pid, 0)
-    except OSError as err:
-        return err.errno != errno.ESRCH
-    return True
-
-
-def remove_dead_partials(out: str | Path) -> list[Path]:
-    """Remove the hidden ``.<name>.partial-<pid>`` (and ``.<name>.old-<pid>``) folders beside ``out`` whose
-    process is gone, e.g. after a kill -9; a live process's folder is kept. Returns the folders removed."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-(\d+)")
-    removed = []
-    for p in out.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m.group(2))):
-            log.info("removing %s, left by process %s that no longer runs", p, m.group(2))
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
 
 
 def check_target(out: str | Path, overwrite: bool) -> Path:

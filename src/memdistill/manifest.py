@@ -5,14 +5,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import platform
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 # OSError numbers that mean "no room left": a full disk, or the user's quota used up.
@@ -183,3 +188,33 @@ def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
     if stage is not None and data.get("stage") != stage:
         raise UserError(f"{folder} holds a {data.get('stage')!r} output, expected {stage!r}")
     return data
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything). A process of another
+    user (EPERM) counts as alive: only a folder whose writer is certainly gone may be removed."""
+    if pid <= 0:
+        return True  # not a real writer's pid: never treat as dead
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno != errno.ESRCH
+    return True
+
+
+def remove_dead_partials(out: str | Path) -> list[Path]:
+    """Remove the hidden ``.<name>.partial-<pid>``, ``.<name>.old-<pid>`` and ``.<name>.tmp-<pid>`` folders beside
+    ``out`` (what image sets and exports are written through) whose process is gone, e.g. after a kill -9; a live
+    process's folder is kept. Returns the folders removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old|tmp)-(\d+)")
+    removed = []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m.group(2))):
+            log.info("removing %s, left by process %s that no longer runs", p, m.group(2))
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

@@ -400,7 +400,10 @@ def save_export(folder: str | os.PathLike, model: DiT, config: dict) -> Path:
         raise UserError("export config must not contain the key 'model' (it holds the architecture)")
     folder = Path(folder)
     text = json.dumps({"model": {**dit_config(model), "difffit": model.difffit_enabled}, **config}, indent=2)
+    from ..manifest import remove_dead_partials
+
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(folder)  # what a killed earlier export left behind
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
