@@ -142,11 +142,11 @@ def test_folder_loads_labels_shape_range(tmp_path):
     red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
     assert torch.equal(images[0], blue) and torch.equal(images[1], red)  # lossless PNGs
     assert (images[2] - red).abs().max() < 0.05  # JPEG
-    # default folder resolution is 256; subset file selects and orders classes
+    # a subset file selects and orders classes
     lst = tmp_path / "order.txt"
     lst.write_text("b_red\n")
-    ds2 = open_dataset(str(root), subset=str(lst))
-    assert ds2.class_names == ["b_red"] and ds2.targets.tolist() == [0, 0] and ds2[0][0].shape == (3, 256, 256)
+    ds2 = open_dataset(str(root), subset=str(lst), resolution=6)
+    assert ds2.class_names == ["b_red"] and ds2.targets.tolist() == [0, 0] and ds2[0][0].shape == (3, 6, 6)
 
 
 def test_folder_resize_is_shorter_side_then_center_crop(tmp_path):
