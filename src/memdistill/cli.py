@@ -55,7 +55,8 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
                                 help=text)
         else:
             parser.add_argument(flag, dest=dest, default=default, type=_optional(base) if optional else base,
-                                metavar=base.__name__.upper(), help=f"{text} (default: {default})".strip())
+                                metavar=base.__name__.upper(),
+                                help=text if "(default:" in text else f"{text} (default: {default})".strip())
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
@@ -75,6 +76,13 @@ def _add_run_folder_args(p: argparse.ArgumentParser, default_out: str) -> None:
 TRAIN_HELP = {
     "data": "embedded dataset (mnist5k, digits) or a class-per-folder image tree",
     "subset": "built-in class list (imagewoof, imagenette, imageidc, idc100) or a text file of folder names",
+    "resolution": "image size: folder images get their shorter side resized to it and the centre square cropped "
+                  "(default: the images' own size when all are square and of one size, else required, e.g. 256 "
+                  "for ImageNet photos; embedded sets: their own, 28 or 8 px)",
+    "channels": "image channels: auto (1 when every image is grey, else 3), 1 or 3 (default: auto)",
+    "labels": "class names to model class indices: auto (ImageNet index when the names are wnids, else 0..K-1; "
+              "an unknown name among wnids or for a 1000-class model is an error), imagenet or index "
+              "(0..K-1 in class order) (default: auto)",
     "codec": "pixel or vae",
     "vae": "local folder of a diffusers AutoencoderKL (for --codec vae)",
     "latent_cache": "folder where encoded latents are cached and reused",
@@ -104,6 +112,7 @@ SAMPLE_HELP = {
     "subset": "class list for a checkpoint without an export config",
     "codec": "codec for a checkpoint without an export config",
     "vae": "local AutoencoderKL folder used to decode",
+    "labels": "for --subset: auto, imagenet (wnid -> ImageNet index) or index (0..K-1) (default: auto)",
 }
 
 EVAL_HELP = {
@@ -124,12 +133,22 @@ def say(message: str) -> None:
         print(message)
 
 
+def _say_labels(export: Path) -> None:
+    """Print how the export's class names map to the model's class indices (--labels)."""
+    from .models.io import EXPORT_CONFIG
+
+    cfg = json.loads((Path(export) / EXPORT_CONFIG).read_text())
+    pairs = [f"{n}->{c}" for n, c in zip(cfg["class_names"], cfg["cond_labels"])]
+    say(f"class labels ({cfg.get('labels', 'index')}): {', '.join(pairs[:10])}" + (" ..." if len(pairs) > 10 else ""))
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_defaults
     from .train import TrainConfig
 
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    _say_labels(export)
     say(f"pretrained model exported to {export}")
 
 
@@ -139,6 +158,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     cfg = config_from_args(TrainConfig, args, finetune_defaults())
     export = finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    _say_labels(export)
     say(f"fine-tuned model exported to {export}")
 
 
@@ -155,7 +175,8 @@ def _cmd_select(args: argparse.Namespace) -> None:
     from .baselines import select_real
     from .data import open_dataset
 
-    ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images)
+    ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images, args.channels,
+                      args.labels)
     out = select_real(args.method, ds, args.ipc, args.seed, args.out, overwrite=args.overwrite)
     say(f"selected {args.ipc} real images per class ({args.method}) into {out}")
 
@@ -237,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="random", help="random or herding (default: random)")
     p.add_argument("--data", default="mnist5k", help=TRAIN_HELP["data"] + " (default: mnist5k)")
     p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
-    p.add_argument("--resolution", type=int, default=None, help="image size of folder data (default: 256)")
+    p.add_argument("--resolution", type=int, default=None, help=TRAIN_HELP["resolution"])
+    p.add_argument("--channels", default="auto", help=TRAIN_HELP["channels"])
+    p.add_argument("--labels", default="auto", help=TRAIN_HELP["labels"])
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--ipc", type=int, default=10, help="images per class (default: 10)")
     p.add_argument("--seed", type=int, default=0)
@@ -266,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated real baselines: random, herding, or '' (default: random)")
     p.add_argument("--test", default=None, help="real test images (default: the embedded dataset's test split)")
     add_config_args(p, run_defaults.finetune, skip={"model", "stage"}, help=TRAIN_HELP)
-    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "vae"}, help=SAMPLE_HELP, prefix="sample")
+    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "vae", "labels"},
+                    help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
     _add_run_folder_args(p, "runs/run")
     p.set_defaults(func=_cmd_run)

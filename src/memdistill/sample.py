@@ -44,6 +44,7 @@ class SampleConfig:
     subset: str | None = None  # class list: built-in name (imagewoof, ...) or a text file of names
     codec: str | None = None  # pixel | vae; None = the export's (vae when `vae` is given for a bare checkpoint)
     vae: str | None = None  # local AutoencoderKL folder used to decode (e.g. sd-vae-ft-mse)
+    labels: str = "auto"  # class names of `subset` -> model class indices: auto, imagenet or index
 
     def validate(self) -> None:
         if self.ipc < 1:
@@ -155,7 +156,7 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
                             "imagewoof or a text file) and vae (a local AutoencoderKL folder to decode with)")
         model = load_dit(path)
         class_names = resolve_classes(cfg.subset, None)
-        cond_labels = conditioning_labels(class_names)
+        cond_labels = conditioning_labels(class_names, cfg.labels, model.num_classes)
         codec_cfg = {"name": cfg.codec or "vae", "path": cfg.vae}
         latent_shape = (model.in_channels, model.config.input_size, model.config.input_size)
         image_shape = None
