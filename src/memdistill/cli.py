@@ -212,9 +212,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
                     eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
+    from .evaluate import format_score
+
     for r in results["results"]:
-        say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
-              f"last {r['last_mean']:.2f} ± {r['last_std']:.2f}")
+        n = len(r["per_repeat"])
+        say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {format_score(r['best_mean'], r['best_std'], n)}  "
+            f"last {format_score(r['last_mean'], r['last_std'], n)}")
     say(f"report: {report}")
 
 
@@ -269,11 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser("evaluate", help="train classifiers on an image set, test on real images")
-    p.add_argument("--train", required=True, help="image set folder (from sample or select)")
+    p.add_argument("--train", required=True,
+                   help="train images: an image set (from sample or select) or any class-per-folder tree, "
+                        "labelled by its folder names, which must match the test classes")
     p.add_argument("--test", default="mnist5k", help="real test images: embedded name or folder (default: mnist5k)")
     p.add_argument("--test-split", default="test", help="split of an embedded test set (default: test)")
     p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
-    p.add_argument("--resolution", type=int, default=None, help="load test images at this size (default: the set's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size of a --train folder tree and of the test images (default: the train images' "
+                        "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.set_defaults(func=_cmd_evaluate)
