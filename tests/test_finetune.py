@@ -358,3 +358,17 @@ def test_finetune_label_mapping_is_explicit_and_recorded(tmp_path, capsys):
     assert main(["finetune", "--data", str(woof), "--init", str(init), "--out", str(tmp_path / "c"),
                  "--steps", "1", "--device", "cpu", "--no-progress"]) == 2
     assert "'n0209960l' (did you mean n02099601?)" in capsys.readouterr().err
+
+
+def test_finetune_and_select_with_a_relative_data_path(tmp_path, monkeypatch):
+    """Issue 14.1: a relative --data (and one through a symlink) used to end in a ValueError traceback."""
+    init = make_init(tmp_path / "init")
+    _grey_folder(tmp_path / "store" / "train", ["0", "1"])
+    (tmp_path / "link").symlink_to(tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--data", "store/train", "--init", str(init), "--out", "ft", "--batch-size", "4",
+                 "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["finetune", "--data", "link/train/", "--init", str(init), "--out", "ft2", "--batch-size", "4",
+                 "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["select", "--data", "./store/train", "--ipc", "2", "--out", "sel"]) == 0
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["0", "1", "manifest.json"]
