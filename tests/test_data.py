@@ -380,3 +380,15 @@ def test_symlinked_class_folder(tree, tmp_path):
     (tree / "c").symlink_to(elsewhere)
     ds = open_dataset(str(tree))
     assert ds.class_names == ["a", "b", "c"] and len(ds) == 3
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "run", "bench", "select", "evaluate"])
+def test_resolution_help_states_its_default(command, capsys):
+    from memdistill.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--resolution", text.index("options:"))
+    entry = text[start:text.index(" --", start + 12)]
+    assert "own size" in entry and "256" in entry and "default: None" not in entry

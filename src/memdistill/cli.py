@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-split", default="test", help="split of an embedded test set (default: test)")
     p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
     p.add_argument("--resolution", type=int, default=None,
-                   help="image size of a --train folder tree and of the test images (default: the train images' "
+                   help="image size of a train folder tree and of the test images (default: the train images' "
                         "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
