@@ -9,6 +9,7 @@ from memdistill.data import (
     FolderImageDataset,
     TensorImageDataset,
     conditioning_labels,
+    label_mapping,
     imagenet_names,
     imagenet_wnids,
     load_tensors,
@@ -142,11 +143,11 @@ def test_folder_loads_labels_shape_range(tmp_path):
     red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
     assert torch.equal(images[0], blue) and torch.equal(images[1], red)  # lossless PNGs
     assert (images[2] - red).abs().max() < 0.05  # JPEG
-    # default folder resolution is 256; subset file selects and orders classes
+    # a subset file selects and orders classes
     lst = tmp_path / "order.txt"
     lst.write_text("b_red\n")
-    ds2 = open_dataset(str(root), subset=str(lst))
-    assert ds2.class_names == ["b_red"] and ds2.targets.tolist() == [0, 0] and ds2[0][0].shape == (3, 256, 256)
+    ds2 = open_dataset(str(root), subset=str(lst), resolution=6)
+    assert ds2.class_names == ["b_red"] and ds2.targets.tolist() == [0, 0] and ds2[0][0].shape == (3, 6, 6)
 
 
 def test_folder_resize_is_shorter_side_then_center_crop(tmp_path):
@@ -210,3 +211,184 @@ def test_tensor_dataset_and_per_class_indices():
     ds = TensorImageDataset(images, targets, ["a", "b", "c"])
     assert ds.num_classes == 3 and ds.cond_labels == [0, 1, 2] and ds.identity.startswith("tensor:")
     assert [t.tolist() for t in per_class_indices(targets, 3)] == [[1, 4], [0, 2], [3]]
+
+
+# ----------------------------------------------------------------------------- label mapping (issue 9.6)
+
+WOOF4 = ["n02086240", "n02099601", "n02115641"]
+
+
+def test_one_typo_among_wnids_is_named_not_relabelled():
+    with pytest.raises(UserError, match=r"'n0209960l' \(did you mean n02099601\?\).*--labels index"):
+        conditioning_labels(WOOF4 + ["n0209960l"])
+    assert conditioning_labels(WOOF4) == [155, 207, 273]
+    assert conditioning_labels(WOOF4 + ["n0209960l"], "index") == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="'n0209960l'"):
+        conditioning_labels(WOOF4 + ["n0209960l"], "imagenet")
+
+
+def test_plain_names_get_indices_unless_the_model_is_imagenet():
+    assert label_mapping(["cat", "dog"]) == ("index", [0, 1])
+    assert label_mapping(["cat", "dog"], model_classes=10) == ("index", [0, 1])
+    with pytest.raises(UserError, match=r"1000 \(ImageNet\) classes.*'cat'.*--labels index"):
+        label_mapping(["cat", "dog"], model_classes=1000)
+    assert label_mapping(["cat", "dog"], "index", model_classes=1000) == ("index", [0, 1])
+    assert label_mapping(WOOF4, "auto", model_classes=1000) == ("imagenet", [155, 207, 273])
+    with pytest.raises(UserError, match="--labels must be one of auto, imagenet, index"):
+        label_mapping(WOOF4, "wnid")
+
+
+def test_folder_dataset_records_its_mapping(tmp_path):
+    for name in WOOF4 + ["n0209960l"]:
+        _solid(tmp_path / "d" / name / "a.png", (1, 2, 3), size=(4, 4))
+    with pytest.raises(UserError, match="n0209960l"):
+        open_dataset(str(tmp_path / "d"))
+    ds = open_dataset(str(tmp_path / "d"), labels="index")
+    assert ds.label_mapping == "index" and ds.cond_labels == [0, 1, 2, 3]
+    ds = open_dataset(str(tmp_path / "d"), subset=_lines(tmp_path / "woof.txt", WOOF4))
+    assert ds.label_mapping == "imagenet" and ds.cond_labels == [155, 207, 273]
+
+
+def _lines(path, names):
+    path.write_text("\n".join(names) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- size and channels (9.18, 9.19)
+
+
+def test_folder_default_size_is_the_images_own_when_they_agree(tmp_path, caplog):
+    for c in "ab":
+        for i in range(2):
+            _solid(tmp_path / "d" / c / f"{i}.png", (9, 9, 9), size=(28, 28))
+    with caplog.at_level(logging.INFO, logger="memdistill.data"):
+        ds = open_dataset(str(tmp_path / "d"))
+    assert ds.resolution == 28 and ds[0][0].shape[-2:] == (28, 28)
+    assert any("28x28" in r.getMessage() and "own size" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_of_mixed_sizes_is_refused_naming_resolution(tmp_path):
+    _solid(tmp_path / "d" / "a" / "0.jpg", (9, 9, 9), size=(500, 375), fmt="JPEG")
+    _solid(tmp_path / "d" / "b" / "0.jpg", (9, 9, 9), size=(333, 500), fmt="JPEG")
+    with pytest.raises(UserError, match=r"differ in size .*--resolution 256"):
+        open_dataset(str(tmp_path / "d"))
+    assert open_dataset(str(tmp_path / "d"), resolution=16)[1][0].shape == (3, 16, 16)
+    for c in "ab":  # one size, but not square
+        for f in (tmp_path / "d" / c).iterdir():
+            f.unlink()
+        _solid(tmp_path / "d" / c / "0.png", (9, 9, 9), size=(20, 12))
+    with pytest.raises(UserError, match=r"not square .*--resolution"):
+        open_dataset(str(tmp_path / "d"))
+
+
+def test_probing_sizes_opens_each_image_once(tmp_path, monkeypatch):
+    import PIL.Image
+
+    for c in "ab":
+        _solid(tmp_path / "d" / c / "0.png", (9, 9, 9), size=(8, 8))
+    opened = []
+    real = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    open_dataset(str(tmp_path / "d"))
+    assert len(opened) == 2  # the validity check that was always there; sizes and modes come from its header
+
+
+def test_memory_warning_before_loading(tmp_path, caplog, monkeypatch):
+    import memdistill.data as data
+
+    for c in "ab":
+        _solid(tmp_path / "d" / c / "0.png", (9, 9, 9), size=(8, 8))
+    ds = open_dataset(str(tmp_path / "d"))
+    monkeypatch.setattr(data, "available_memory", lambda: 2 * 3 * 8 * 8 * 4 - 1)
+    with caplog.at_level(logging.WARNING, logger="memdistill.data"):
+        load_tensors(ds)
+    assert any("GiB" in r.getMessage() and "--resolution" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(data, "available_memory", lambda: 2 * 3 * 8 * 8 * 4)
+    with caplog.at_level(logging.WARNING, logger="memdistill.data"):
+        load_tensors(ds)
+    assert not caplog.records
+    assert data.available_memory is not None
+
+
+def _grey_png(path, value, mode="L", size=(6, 6)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+
+
+def test_grey_folder_keeps_one_channel(tmp_path, caplog):
+    _grey_png(tmp_path / "d" / "a" / "0.png", 100)
+    _grey_png(tmp_path / "d" / "a" / "1.png", 1, mode="1")
+    _grey_png(tmp_path / "d" / "b" / "0.png", (100, 255), mode="LA")
+    Image.fromarray(np.full((6, 6), 25700, dtype=np.uint16)).save(tmp_path / "d" / "b" / "1.png")
+    with caplog.at_level(logging.INFO, logger="memdistill.data"):
+        ds = open_dataset(str(tmp_path / "d"))
+    assert ds.channels == 1 and any("grey" in r.getMessage() for r in caplog.records)
+    images, _ = load_tensors(ds)
+    assert images.shape == (4, 1, 6, 6)
+    assert torch.allclose(images[:, 0, 0, 0], torch.tensor([100, 255, 100, 100]) / 127.5 - 1)
+    forced = open_dataset(str(tmp_path / "d"), channels="3")
+    assert load_tensors(forced)[0].shape == (4, 3, 6, 6) and ":grey" not in forced.identity
+    assert ":grey" in ds.identity  # a different latent cache key
+
+
+def test_colour_folder_keeps_three_channels_unless_forced(tmp_path):
+    _grey_png(tmp_path / "d" / "a" / "0.png", 100)
+    _solid(tmp_path / "d" / "b" / "0.png", (0, 255, 0), size=(6, 6))
+    assert open_dataset(str(tmp_path / "d")).channels == 3
+    grey = open_dataset(str(tmp_path / "d"), channels=1)
+    assert grey.channels == 1 and abs(float(grey[1][0][0, 0, 0]) - (150 / 127.5 - 1)) < 1e-6  # green's luma
+    with pytest.raises(UserError, match="--channels must be one of auto, 1, 3"):
+        open_dataset(str(tmp_path / "d"), channels="2")
+    assert open_dataset("digits", channels="3").images.shape[1] == 3
+
+
+# ----------------------------------------------------------------------------- path forms (issue 14.1)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    real = tmp_path / "store" / "imagenet" / "train"
+    for c in "ab":
+        _solid(real / c / "0.png", (9, 9, 9), size=(4, 4))
+    return real
+
+
+def test_relative_path(tree, monkeypatch):
+    monkeypatch.chdir(tree.parent)
+    ds = open_dataset("train")
+    assert len(ds) == 2 and ds.root == tree.resolve()
+    monkeypatch.chdir(tree / "a")
+    assert len(open_dataset("../")) == 2 and len(open_dataset("..")) == 2
+
+
+def test_path_through_a_symlink_and_trailing_slash(tree, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tree.parent.parent)  # link -> store
+    ds = open_dataset(str(link / "imagenet" / "train") + "/")
+    assert len(ds) == 2 and ds.identity == open_dataset(str(tree)).identity
+
+
+def test_home_path(tree, monkeypatch):
+    monkeypatch.setenv("HOME", str(tree.parent))
+    assert len(open_dataset("~/train")) == 2
+
+
+def test_symlinked_class_folder(tree, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "c"
+    _solid(elsewhere / "0.png", (9, 9, 9), size=(4, 4))
+    (tree / "c").symlink_to(elsewhere)
+    ds = open_dataset(str(tree))
+    assert ds.class_names == ["a", "b", "c"] and len(ds) == 3
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "run", "bench", "select", "evaluate"])
+def test_resolution_help_states_its_default(command, capsys):
+    from memdistill.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--resolution", text.index("options:"))
+    entry = text[start:text.index(" --", start + 12)]
+    assert "own size" in entry and "256" in entry and "default: None" not in entry

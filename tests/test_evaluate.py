@@ -116,3 +116,65 @@ def test_batch_norm_never_sees_a_batch_of_one(digits):
     config = EvalConfig(net="resnet18", norm="batch", epochs=1, batch_size=4, cutmix_beta=0)
     result = train_and_test(train_x[idx], train_y[idx], test_x[test_idx], test_y[test_idx], 10, config)
     assert result["history"][0][0] == 1
+
+
+def test_one_repeat_is_shown_as_one_repeat(digits):
+    from memdistill.evaluate import format_score
+    from memdistill.reports import pm
+
+    train_x, train_y, test_x, test_y = digits
+    one = evaluate_repeats(train_x[::3], train_y[::3], test_x, test_y, 10,
+                           EvalConfig(net="convnet1", epochs=1, repeats=1))
+    table = format_table(one)
+    assert f"{one['best_mean']:.2f} (1 repeat)" in table and "±" not in table
+    assert format_score(91.6, 0.0, 1) == "91.60 (1 repeat)" == pm(91.6, 0.0, 1)
+    assert format_score(91.6, 1.21, 3) == "91.60 ± 1.21" == pm(91.6, 1.21)
+
+
+def _digit_tree(root, class_names, per_class=12):
+    """A plain class-per-folder PNG tree (no manifest) of digits train images."""
+    from PIL import Image
+
+    from memdistill.data import open_dataset
+
+    ds = open_dataset("digits", "train")
+    for name in class_names:
+        (root / name).mkdir(parents=True)
+        idx = (ds.targets == int(name)).nonzero().flatten()[:per_class]
+        for i in idx.tolist():
+            pixels = ((ds.images[i, 0] + 1) * 127.5).round().byte().numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_evaluate_accepts_a_plain_class_tree_in_the_test_order(tmp_path, capsys):
+    """Issue 9.20: any class-per-folder tree; labels by folder name, in the test set's class order; the row is
+    labelled by the folder; one repeat is shown as one repeat."""
+    from memdistill.cli import main
+
+    tree = _digit_tree(tmp_path / "fullsplit", ["0", "1"])
+    order = tmp_path / "order.txt"
+    order.write_text("1\n0\n")  # the test set lists the classes the other way round
+    out = tmp_path / "e"
+    assert main(["evaluate", "--train", str(tree) + "/", "--test", "digits", "--subset", str(order),
+                 "--net", "convnet1", "--epochs", "15", "--repeats", "1", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = __import__("json").loads((out / "results.json").read_text())
+    assert result["method"] == "fullsplit" and "| fullsplit |" in printed
+    assert result["best_mean"] > 90  # labels swapped by folder order would score near 0
+    assert "(1 repeat)" in printed and "± 0.00" not in printed
+    assert result["ipc"] == 12
+
+
+def test_evaluate_tree_with_other_classes_is_refused(tmp_path, capsys):
+    from memdistill.cli import main
+
+    tree = _digit_tree(tmp_path / "t", ["0", "1"])
+    (tree / "1").rename(tree / "one")
+    order = tmp_path / "order.txt"
+    order.write_text("0\n1\n")
+    assert main(["evaluate", "--train", str(tree), "--test", "digits", "--subset", str(order), "--repeats", "1",
+                 "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "not in both: 1, one" in err and "same class" in err

@@ -325,3 +325,50 @@ def test_real_console_script_exit_code_and_single_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("memdistill finetune: error: the model") and "5 classes" in lines[0]
+
+
+def _grey_folder(root: Path, names: list[str]) -> Path:
+    from PIL import Image
+
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 30 * k + i).save(root / name / f"{i}.png")
+    return root
+
+
+def test_finetune_label_mapping_is_explicit_and_recorded(tmp_path, capsys):
+    """Issue 9.6: a 1000-class model and non-wnid folders (or one typo among wnids) is an error naming the
+    name; --labels index forces 0..K-1, which is printed and recorded in the manifest and the export."""
+    init = make_init(tmp_path / "init", num_classes=1000)
+    data = _grey_folder(tmp_path / "pets", ["cat", "dog"])
+    args = ["finetune", "--data", str(data), "--init", str(init), "--batch-size", "4", "--steps", "1",
+            "--device", "cpu", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "1000 (ImageNet) classes" in err and "'cat'" in err and "--labels index" in err
+    assert not (tmp_path / "a").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--labels", "index"]) == 0
+    assert "class labels (index): cat->0, dog->1" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["labels"] == "index" and manifest["cond_labels"] == [0, 1]
+    assert load_export(tmp_path / "b" / "export")[1]["labels"] == "index"
+
+    woof = _grey_folder(tmp_path / "woof", ["n02086240", "n02099601", "n02115641", "n0209960l"])
+    assert main(["finetune", "--data", str(woof), "--init", str(init), "--out", str(tmp_path / "c"),
+                 "--steps", "1", "--device", "cpu", "--no-progress"]) == 2
+    assert "'n0209960l' (did you mean n02099601?)" in capsys.readouterr().err
+
+
+def test_finetune_and_select_with_a_relative_data_path(tmp_path, monkeypatch):
+    """Issue 14.1: a relative --data (and one through a symlink) used to end in a ValueError traceback."""
+    init = make_init(tmp_path / "init")
+    _grey_folder(tmp_path / "store" / "train", ["0", "1"])
+    (tmp_path / "link").symlink_to(tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--data", "store/train", "--init", str(init), "--out", "ft", "--batch-size", "4",
+                 "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["finetune", "--data", "link/train/", "--init", str(init), "--out", "ft2", "--batch-size", "4",
+                 "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["select", "--data", "./store/train", "--ipc", "2", "--out", "sel"]) == 0
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["0", "1", "grid.png", "manifest.json"]

@@ -94,3 +94,52 @@ def test_unknown_name_and_norm():
 def test_resnetap_too_small_image():
     with pytest.raises(UserError, match="at least 8 px"):
         build_net("resnetap10", 10, 1, 4)
+
+
+def _map_side(net, channels, size):
+    """The side of the map entering the global pool / classifier, measured by a real forward."""
+    seen = []
+    body = net.features if hasattr(net, "features") else net.stages
+    handle = body.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    _forward(net, channels, size, batch=2)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", ["convnet3", "resnetap10", "resnet18"])
+@pytest.mark.parametrize("size", [8, 9, 28, 32, 127, 128, 130, 224])
+def test_computed_feature_side_equals_the_real_one(name, size):
+    """The size check reads every stride and pool of the main path, the large-image stem included."""
+    from memdistill.nets import feature_side
+
+    net = build_net(name, 3, 1, size)
+    path = [net.features] if hasattr(net, "features") else \
+        [net.stem, *(m for b in net.stages for m in (b.conv1, b.conv2))]
+    assert feature_side(path, size) == _map_side(net, 1, size)
+
+
+# The minimum sizes, derived by hand from the layers (a stride-s layer needs at least s px of input):
+# ConvNet-D: D avg-pools of 2 -> 2**D. ResNetAP-10 (small stem, stride 1): 3 avg-pools of 2 -> 8.
+# ResNet-18 (small stem): 3 strided 3x3 convs, side -> (side - 1) // 2 + 1, each input >= 2: 5 -> 3 -> 2 -> 1,
+# while 4 -> 2 -> 1 leaves the last strided conv a 1 px input.
+@pytest.mark.parametrize("name,minimum", [("convnet1", 2), ("convnet3", 8), ("convnet6", 64),
+                                          ("resnetap10", 8), ("resnet18", 5)])
+def test_each_net_at_its_minimum_size(name, minimum):
+    assert _forward(build_net(name, 4, 1, minimum), 1, minimum).shape == (2, 4)
+    with pytest.raises(UserError, match=f"at least {minimum} px"):
+        build_net(name, 4, 1, minimum - 1)
+
+
+def test_evaluate_cli_refuses_resnet18_at_2px(tmp_path, capsys):
+    from memdistill.cli import main
+    from memdistill.data import open_dataset
+    from memdistill.imageset import write_image_set
+
+    ds = open_dataset("digits", "train")
+    keep = torch.cat([torch.nonzero(ds.targets == c).flatten()[:1] for c in range(10)])
+    write_image_set(tmp_path / "set", ds.images[keep], ds.targets[keep], ds.class_names, {"method": "x"})
+    code = main(["evaluate", "--train", str(tmp_path / "set"), "--test", "digits", "--net", "resnet18",
+                 "--image-size", "2", "--epochs", "1", "--repeats", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "e")])
+    assert code == 2
+    assert "2 px is too small for ResNet-18: its down-sampling needs images of at least 5 px" in capsys.readouterr().err

@@ -202,3 +202,18 @@ def test_a_damaged_export_names_what_it_lacks(tiny_model, tmp_path, capsys):
     assert main(["sample", "--model", str(export), "--out", str(tmp_path / "set")]) == 2
     err = capsys.readouterr().err
     assert "damaged memdistill export" in err and "class_names" in err
+
+
+def test_bare_imagenet_checkpoint_refuses_a_typo_in_its_subset(tmp_path):
+    """Issue 9.6 for sampling: a 1000-class checkpoint with a class list holding a non-wnid is refused under
+    --labels auto; --labels index forces 0..K-1."""
+    from memdistill.models.io import save_official
+
+    save_official(tmp_path / "dit.pt", build_dit("DiT-Micro/2", input_size=8, in_channels=1, num_classes=1000))
+    names = tmp_path / "classes.txt"
+    names.write_text("n02086240\nn0209960l\n")
+    with pytest.raises(UserError, match=r"'n0209960l' \(did you mean n02099601\?\)"):
+        sample_set(cfg(tmp_path / "dit.pt", subset=str(names), codec="pixel", ipc=1), tmp_path / "set")
+    out = sample_set(cfg(tmp_path / "dit.pt", subset=str(names), codec="pixel", ipc=1, labels="index",
+                         cfg_scale=1.0), tmp_path / "set")
+    assert read_image_set(out)[3]["cond_labels"] == [0, 1]

@@ -288,7 +288,8 @@ class _Bench:
 
         self.cfg, self.out, self.test = cfg, out, test
         ft = cfg.finetune
-        self.train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images)
+        self.train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images, ft.channels,
+                                     ft.labels)
         self.timings: dict[str, float] = {}
         path = out / "timings.json"
         if path.is_file():
@@ -389,7 +390,8 @@ class _Bench:
         from .nets import build_net
 
         cfg, folder = self.cfg, self.out / "features"
-        test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution)
+        test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution,
+                               channels=self.train_ds.channels)
         test_x, test_y = load_tensors(test_ds)
         small = [(n, int((test_y == c).sum())) for c, n in enumerate(test_ds.class_names)
                  if int((test_y == c).sum()) <= cfg.coverage_k]
@@ -735,7 +737,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                                    "of the options are fine-tuning options.")
     add_config_args(p, defaults, skip={"finetune", "sample", "eval"}, help=BENCH_HELP)
     add_config_args(p, defaults.finetune, skip={"model", "stage", "memory"}, help=TRAIN_HELP)
-    add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec"}, help=SAMPLE_HELP,
+    add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"}, help=SAMPLE_HELP,
                     prefix="sample")
     add_config_args(p, defaults.eval, skip={"net", "repeats"}, help=EVAL_HELP, prefix="eval")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")

@@ -55,7 +55,8 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
                                 help=text)
         else:
             parser.add_argument(flag, dest=dest, default=default, type=_optional(base) if optional else base,
-                                metavar=base.__name__.upper(), help=f"{text} (default: {default})".strip())
+                                metavar=base.__name__.upper(),
+                                help=text if "(default:" in text else f"{text} (default: {default})".strip())
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
@@ -75,6 +76,13 @@ def _add_run_folder_args(p: argparse.ArgumentParser, default_out: str) -> None:
 TRAIN_HELP = {
     "data": "embedded dataset (mnist5k, digits) or a class-per-folder image tree",
     "subset": "built-in class list (imagewoof, imagenette, imageidc, idc100) or a text file of folder names",
+    "resolution": "image size: folder images get their shorter side resized to it and the centre square cropped "
+                  "(default: the images' own size when all are square and of one size, else required, e.g. 256 "
+                  "for ImageNet photos; embedded sets: their own, 28 or 8 px)",
+    "channels": "image channels: auto (1 when every image is grey, else 3), 1 or 3 (default: auto)",
+    "labels": "class names to model class indices: auto (ImageNet index when the names are wnids, else 0..K-1; "
+              "an unknown name among wnids or for a 1000-class model is an error), imagenet or index "
+              "(0..K-1 in class order) (default: auto)",
     "codec": "pixel or vae",
     "vae": "local folder of a diffusers AutoencoderKL (for --codec vae)",
     "latent_cache": "folder where encoded latents are cached and reused",
@@ -105,6 +113,7 @@ SAMPLE_HELP = {
     "codec": "codec for a checkpoint without an export config",
     "vae": "local AutoencoderKL folder used to decode",
     "vae_batch_size": "latents decoded per VAE call (lower it if decoding runs out of GPU memory)",
+    "labels": "for --subset: auto, imagenet (wnid -> ImageNet index) or index (0..K-1) (default: auto)",
 }
 
 EVAL_HELP = {
@@ -141,6 +150,15 @@ def check_out(args: argparse.Namespace, what: str, names: tuple[str, ...] | None
                     resume=getattr(args, "resume", False) if resumable else None)
 
 
+def _say_labels(export: Path) -> None:
+    """Print how the export's class names map to the model's class indices (--labels)."""
+    from .models.io import EXPORT_CONFIG
+
+    cfg = json.loads((Path(export) / EXPORT_CONFIG).read_text())
+    pairs = [f"{n}->{c}" for n, c in zip(cfg["class_names"], cfg["cond_labels"])]
+    say(f"class labels ({cfg.get('labels', 'index')}): {', '.join(pairs[:10])}" + (" ..." if len(pairs) > 10 else ""))
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_defaults
     from .train import TrainConfig
@@ -148,6 +166,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     check_out(args, "a run", TRAIN_RUN_MARKS)
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    _say_labels(export)
     say(f"pretrained model exported to {export}")
 
 
@@ -158,6 +177,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     check_out(args, "a run", TRAIN_RUN_MARKS)
     cfg = config_from_args(TrainConfig, args, finetune_defaults())
     export = finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    _say_labels(export)
     say(f"fine-tuned model exported to {export}")
 
 
@@ -178,7 +198,8 @@ def _cmd_select(args: argparse.Namespace) -> None:
     from .imageset import check_target
 
     check_target(args.out, args.overwrite)  # before the data is read
-    ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images)
+    ds = open_dataset(args.data, "train", args.subset, args.resolution, args.skip_bad_images, args.channels,
+                      args.labels)
     out = select_real(args.method, ds, args.ipc, args.seed, args.out, overwrite=args.overwrite)
     say(f"selected {args.ipc} real images per class ({args.method}) into {out}")
 
@@ -219,9 +240,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
                     eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
+    from .evaluate import format_score
+
     for r in results["results"]:
-        say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
-              f"last {r['last_mean']:.2f} ± {r['last_std']:.2f}")
+        n = len(r["per_repeat"])
+        say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {format_score(r['best_mean'], r['best_std'], n)}  "
+            f"last {format_score(r['last_mean'], r['last_std'], n)}")
     say(f"report: {report}")
 
 
@@ -265,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="random", help="random or herding (default: random)")
     p.add_argument("--data", default="mnist5k", help=TRAIN_HELP["data"] + " (default: mnist5k)")
     p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
-    p.add_argument("--resolution", type=int, default=None, help="image size of folder data (default: 256)")
+    p.add_argument("--resolution", type=int, default=None, help=TRAIN_HELP["resolution"])
+    p.add_argument("--channels", default="auto", help=TRAIN_HELP["channels"])
+    p.add_argument("--labels", default="auto", help=TRAIN_HELP["labels"])
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--ipc", type=int, default=10, help="images per class (default: 10)")
     p.add_argument("--seed", type=int, default=0)
@@ -274,11 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser("evaluate", help="train classifiers on an image set, test on real images")
-    p.add_argument("--train", required=True, help="image set folder (from sample or select)")
+    p.add_argument("--train", required=True,
+                   help="train images: an image set (from sample or select) or any class-per-folder tree, "
+                        "labelled by its folder names, which must match the test classes")
     p.add_argument("--test", default="mnist5k", help="real test images: embedded name or folder (default: mnist5k)")
     p.add_argument("--test-split", default="test", help="split of an embedded test set (default: test)")
     p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
-    p.add_argument("--resolution", type=int, default=None, help="load test images at this size (default: the set's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size of a train folder tree and of the test images (default: the train images' "
+                        "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
@@ -295,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated real baselines: random, herding, or '' (default: random)")
     p.add_argument("--test", default=None, help="real test images (default: the embedded dataset's test split)")
     add_config_args(p, run_defaults.finetune, skip={"model", "stage"}, help=TRAIN_HELP)
-    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "vae"}, help=SAMPLE_HELP, prefix="sample")
+    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "vae", "labels"},
+                    help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
     _add_run_folder_args(p, "runs/run")
     p.set_defaults(func=_cmd_run)

@@ -221,14 +221,22 @@ def evaluate_repeats(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
             "config": asdict(config)}
 
 
+def format_score(mean: float, std: float, repeats: int | None = None) -> str:
+    """A top-1 figure as people read it: "91.60 ± 1.21" (mean ± sample std over repeats), or
+    "91.60 (1 repeat)" for a single repeat, which has no spread to show. repeats None: not known (2 or more)."""
+    if repeats == 1:
+        return f"{mean:.2f} (1 repeat)"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
 def format_table(results: dict | list[dict]) -> str:
     """Markdown table, one row per evaluate_repeats result; an optional "label" key names the row."""
     rows = [results] if isinstance(results, dict) else list(results)
     lines = ["| run | net | epochs | repeats | best top-1 % | last top-1 % |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        label = r.get("label", str(i + 1))
-        lines.append(f"| {label} | {r['net']} | {r['epochs']} | {len(r['per_repeat'])} | "
-                     f"{r['best_mean']:.2f} ± {r['best_std']:.2f} | {r['last_mean']:.2f} ± {r['last_std']:.2f} |")
+        label, n = r.get("label", str(i + 1)), len(r["per_repeat"])
+        lines.append(f"| {label} | {r['net']} | {r['epochs']} | {n} | {format_score(r['best_mean'], r['best_std'], n)} "
+                     f"| {format_score(r['last_mean'], r['last_std'], n)} |")
     return "\n".join(lines)
 
 
@@ -262,18 +270,40 @@ def evaluate_image_set(train_folder: str | Path, test: str, config: EvalConfig, 
     (an embedded dataset's split or a class-per-folder tree). Returns evaluate_repeats' dict plus where the
     data came from."""
     from .data import load_tensors, open_dataset
-    from .imageset import read_image_set
 
     config = with_default_flip(config, test)
-    train_x, train_y, class_names, manifest = read_image_set(train_folder)
-    test_ds = open_dataset(test, test_split, subset=subset, resolution=resolution or train_x.shape[-1])
-    if list(test_ds.class_names) != list(class_names):
-        missing = sorted(set(class_names) ^ set(test_ds.class_names))
-        raise UserError(f"the classes of {train_folder} differ from the test set's {test}"
-                        + (f" (not in both: {', '.join(missing[:5])})" if missing else " (different order)"))
+    train_x, train_y, class_names, manifest = read_train_folder(train_folder, resolution)
+    test_ds = open_dataset(test, test_split, subset=subset, resolution=resolution or train_x.shape[-1],
+                           channels=int(train_x.shape[1]))
+    test_names = list(test_ds.class_names)
+    if set(test_names) != set(class_names):
+        missing = sorted(set(class_names) ^ set(test_names))
+        raise UserError(f"the classes of {train_folder} differ from the test set's {test} "
+                        f"(not in both: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                        "both need the same class (folder) names")
+    # Labels follow the test set's class order; train classes are matched to them by name.
+    to_test = torch.tensor([test_names.index(n) for n in class_names], dtype=torch.long)
+    train_y = to_test[train_y]
     test_x, test_y = load_tensors(test_ds)
-    result = evaluate_repeats(train_x, train_y, test_x, test_y, len(class_names), config)
+    result = evaluate_repeats(train_x, train_y, test_x, test_y, len(test_names), config)
     result.update(train=str(train_folder), test=f"{test}:{test_split}" if test in NO_FLIP_DATASETS else test,
-                  method=manifest.get("method"), ipc=manifest.get("ipc") or images_per_class(train_y),
-                  num_test=len(test_y))
+                  method=manifest.get("method") or Path(train_folder).expanduser().resolve().name,
+                  ipc=manifest.get("ipc") or images_per_class(train_y), num_test=len(test_y))
     return result
+
+
+def read_train_folder(folder: str | Path, resolution: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+    """(images (N, C, H, W) in [-1, 1], labels (N,), class_names, manifest) of a train set: an image set
+    written by sample/select (it has manifest.json), or any class-per-folder tree, labelled by its folder
+    names, read at ``resolution`` (None: the images' own size, see data.FolderImageDataset) with one
+    channel when every image is grey; its manifest is then empty. Raises UserError for missing or bad data."""
+    from .data import FolderImageDataset, load_tensors
+    from .imageset import read_image_set
+
+    path = Path(folder).expanduser()
+    if (path / "manifest.json").is_file() or not path.is_dir():
+        return read_image_set(path)
+    ds = FolderImageDataset(path, None, resolution, labels="index")
+    images, labels = load_tensors(ds)
+    return images, labels, list(ds.class_names), {}

@@ -35,6 +35,7 @@ def finetune_defaults() -> TrainConfig:
 
 def load_init_model(cfg: TrainConfig, data: TrainData) -> torch.nn.Module:
     """The starting DiT, checked against the data it will be tuned on."""
+    from .data import label_mapping
     from .models.io import load_dit
     from .pretrained import resolve_model
 
@@ -46,6 +47,9 @@ def load_init_model(cfg: TrainConfig, data: TrainData) -> torch.nn.Module:
     if latent_shape != model_shape:
         raise UserError(f"the {cfg.codec} codec gives latents of shape {latent_shape} but the model {cfg.init} expects "
                         f"{model_shape}; choose a matching codec/--resolution or model")
+    # Now that the model's class count is known: a 1000-class ImageNet model refuses non-wnid names under
+    # --labels auto rather than tuning towards whatever ImageNet classes 0..K-1 happen to be.
+    label_mapping(data.class_names, cfg.labels, model.config.num_classes)
     needed = max(data.cond_labels) + 1
     if needed > model.config.num_classes:
         raise UserError(f"the model {cfg.init} has {model.config.num_classes} classes but the data's labels need "

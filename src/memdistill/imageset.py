@@ -27,6 +27,7 @@ from PIL import Image
 from .errors import UserError
 from .manifest import (check_output_folder, disk_full_is_user_error, read_manifest, remove_dead_partials,
                        write_manifest)
+from .pixels import image_to_array
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,8 @@ def read_image_set(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, list
             try:
                 with Image.open(path) as im:
                     im.load()
-                    arr = np.asarray(im.convert(_MODES[channels]), dtype=np.uint8)
-            except (OSError, SyntaxError, ValueError) as e:
+                    arr = image_to_array(im, channels)  # (H, W, C) uint8, every PIL mode by one rule
+            except (OSError, SyntaxError, ValueError, UserError) as e:
                 raise UserError(f"unreadable image {path} ({e})") from None
             if arr.shape[:2] != (h, w):
                 raise UserError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}, the set's size is {w}x{h}")

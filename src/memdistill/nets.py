@@ -8,6 +8,7 @@ per-sample statistics, so tiny distilled training sets do not depend on batch co
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -18,6 +19,49 @@ NORMS = ("instance", "batch")
 ALLOWED_NETS = "convnetD (any depth D >= 1, e.g. convnet3, ConvNet-6), ResNetAP-10, ResNet-18"
 # At or above this size, images are ImageNet-like and get the 7x7/2 + maxpool stem.
 LARGE_IMAGE = 128
+
+
+def _pair_first(value) -> int:
+    return int(value[0] if isinstance(value, tuple) else value)
+
+
+def feature_side(path: Iterable[nn.Module], side: int) -> int:
+    """Side of the feature map that the layers of ``path`` (the main path, in order) leave of a side x side
+    input, or 0 when that is not a valid map: the map vanishes, or a stride-s layer gets fewer than s px (it
+    would then convolve mostly padding instead of down-sampling pixels). Convs and pools are read from the
+    modules themselves, so every stride, kernel and padding is counted, the large-image stem included."""
+    for layer in path:
+        for m in layer.modules():
+            if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+                continue
+            k, stride, pad = (_pair_first(getattr(m, a)) for a in ("kernel_size", "stride", "padding"))
+            if side < stride:
+                return 0
+            side = (side + 2 * pad - k) // stride + 1
+            if side < 1:
+                return 0
+    return side
+
+
+def minimum_side(path: list[nn.Module]) -> int:
+    """The smallest input side for which feature_side(path, side) >= 1 (it grows with the input side)."""
+    high = 1
+    while feature_side(path, high) < 1:
+        high *= 2
+    low = high // 2  # invalid (or 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if feature_side(path, mid) >= 1 else (mid, high)
+    return high
+
+
+def _check_size(path: list[nn.Module], image_size: int, label: str, advice: str) -> int:
+    """The final feature side, or a UserError naming the minimum image size of this net."""
+    side = feature_side(path, image_size)
+    if side < 1:
+        raise UserError(f"{image_size} px is too small for {label}: its down-sampling needs images of at least "
+                        f"{minimum_side(path)} px; {advice}")
+    return side
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
@@ -35,15 +79,14 @@ class ConvNet(nn.Module):
                  width: int = 128):
         super().__init__()
         layers: list[nn.Module] = []
-        c_in, side = channels, image_size
+        c_in = channels
         for _ in range(depth):
             layers += [nn.Conv2d(c_in, width, 3, padding=1), make_norm(norm, width),
                        nn.ReLU(inplace=True), nn.AvgPool2d(2)]
-            c_in, side = width, side // 2
-        if side < 1:
-            raise UserError(f"ConvNet-{depth} halves the image {depth} times: {image_size} px is too small "
-                            f"(needs at least {2 ** depth} px); use a shallower ConvNet or larger images")
+            c_in = width
         self.features = nn.Sequential(*layers)
+        side = _check_size([self.features], image_size, f"ConvNet-{depth}",
+                           "use a shallower ConvNet or larger images (--image-size)")
         self.classifier = nn.Linear(width * side * side, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,25 +138,20 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False),
                                       make_norm(norm, 64), nn.ReLU(inplace=True),
                                       nn.MaxPool2d(3, stride=2, padding=1))
-            side = (image_size - 1) // 2 + 1
-            side = (side - 1) // 2 + 1
         else:
             # Small images (MNIST, CIFAR): keep the resolution, a 7x7/2 stem would throw most of it away.
             self.stem = nn.Sequential(_conv3x3(channels, 64), make_norm(norm, 64), nn.ReLU(inplace=True))
-            side = image_size
-        stages: list[nn.Module] = []
+        stages: list[BasicBlock] = []
         c_in = 64
         for i, (n_blocks, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
             stride = 1 if i == 0 else 2
             for b in range(n_blocks):
                 stages.append(BasicBlock(c_in, width, stride if b == 0 else 1, norm, avgpool_down))
                 c_in = width
-            if stride == 2:
-                side = side // 2 if avgpool_down else (side - 1) // 2 + 1
-        if side < 1:
-            raise UserError(f"{label} down-samples {image_size} px images to nothing; "
-                            f"use images of at least 8 px")
         self.stages = nn.Sequential(*stages)
+        # The main path only: each shortcut down-samples in step with its block's conv1.
+        self.feature_side = _check_size([self.stem, *(m for blk in stages for m in (blk.conv1, blk.conv2))],
+                                        image_size, label, "use larger images (--image-size) or a ConvNet")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(512, num_classes)
 

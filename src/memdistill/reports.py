@@ -174,8 +174,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def pm(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}"
+def pm(mean: float, std: float, repeats: int | None = None) -> str:
+    """Mean ± std, or the mean and "(1 repeat)" for one repeat (evaluate.format_score)."""
+    from .evaluate import format_score
+
+    return format_score(mean, std, repeats)
 
 
 def write_run_report(out: str | Path, settings: dict, results: list[dict], timings: dict[str, float],
@@ -184,7 +187,8 @@ def write_run_report(out: str | Path, settings: dict, results: list[dict], timin
     out = Path(out)
     table = markdown_table(
         ["method", "IPC", "net", "best top-1 (%)", "last top-1 (%)", "per repeat (best)", "epochs"],
-        [[r["method"], r["ipc"], r["net"], pm(r["best_mean"], r["best_std"]), pm(r["last_mean"], r["last_std"]),
+        [[r["method"], r["ipc"], r["net"], pm(r["best_mean"], r["best_std"], len(r["per_repeat"])),
+          pm(r["last_mean"], r["last_std"], len(r["per_repeat"])),
           ", ".join(f"{p['best']:.1f}" for p in r["per_repeat"]), r["epochs"]] for r in results],
     )
     best = max(results, key=lambda r: r["best_mean"])
@@ -195,7 +199,8 @@ def write_run_report(out: str | Path, settings: dict, results: list[dict], timin
         f"**{settings.get('memory')}** memory and evaluated by training {settings.get('net')} from scratch on each "
         f"set, {settings.get('repeats')} repeats, testing on the real {settings.get('test')} images.",
         "",
-        f"**Outcome:** {best['method']} scores highest, {pm(best['best_mean'], best['best_std'])} % top-1 "
+        f"**Outcome:** {best['method']} scores highest, "
+        f"{pm(best['best_mean'], best['best_std'], len(best['per_repeat']))} % top-1 "
         "(best check per repeat, mean ± sample std over repeats).",
         "",
         "## Results",

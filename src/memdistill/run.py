@@ -98,7 +98,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
     if resume:
         _check_same_run(out, cfg)
     # The train set is checked up front so a bad IPC fails before minutes of fine-tuning.
-    train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images)
+    train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images, ft.channels, ft.labels)
     counts = [int((train_ds.targets == c).sum()) for c in range(train_ds.num_classes)]
     if baselines and cfg.ipc > min(counts):
         c = counts.index(min(counts))

@@ -48,6 +48,7 @@ class SampleConfig:
     codec: str | None = None  # pixel | vae; None = the export's (vae when `vae` is given for a bare checkpoint)
     vae: str | None = None  # local AutoencoderKL folder used to decode (e.g. sd-vae-ft-mse)
     vae_batch_size: int = 32  # latents decoded per VAE call (a 256 px SD-VAE decode needs ~1 GB per 8 images)
+    labels: str = "auto"  # class names of `subset` -> model class indices: auto, imagenet or index
 
     def validate(self) -> None:
         if self.ipc < 1:
@@ -186,7 +187,7 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
                             "imagewoof or a text file) and vae (a local AutoencoderKL folder to decode with)")
         model = load_dit(path)
         class_names = resolve_classes(cfg.subset, None)
-        cond_labels = conditioning_labels(class_names)
+        cond_labels = conditioning_labels(class_names, cfg.labels, model.num_classes)
         codec_cfg = {"name": cfg.codec or "vae", "path": cfg.vae}
         latent_shape = (model.in_channels, model.config.input_size, model.config.input_size)
         image_shape = None

@@ -42,6 +42,8 @@ class TrainConfig:
     subset: str | None = None
     resolution: int | None = None
     skip_bad_images: bool = False
+    channels: str = "auto"  # auto (1 when every image is grey), 1 or 3
+    labels: str = "auto"  # class names -> DiT class indices: auto, imagenet or index (data.label_mapping)
     codec: str = "pixel"
     vae: str | None = None
     latent_cache: str | None = None
@@ -150,6 +152,7 @@ class TrainData:
     identity: str
     codec_config: dict
     image_shape: tuple[int, ...]
+    label_mapping: str = "index"  # how class_names became cond_labels: "imagenet" or "index"
 
 
 def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: int = 0, world: int = 1
@@ -163,7 +166,7 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     from .codec import encode_dataset, make_codec
     from .data import open_dataset
 
-    ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images)
+    ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images, cfg.channels, cfg.labels)
     codec = make_codec(cfg.codec, cfg.vae, device=device or resolve_device(cfg.device))
     cache = Path(cfg.latent_cache) if cfg.latent_cache else None
     if world > 1 and codec.name != "pixel":
@@ -171,7 +174,7 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     else:
         latents, targets = encode_dataset(codec, ds, cache, seed=cfg.seed)
     return TrainData(latents.float().cpu(), targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
-                     ds.identity, codec.config(), (ds.channels, ds.resolution, ds.resolution))
+                     ds.identity, codec.config(), (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
 
 
 def _encode_on_rank0(codec, ds, cache: Path | None, seed: int, rank: int, device: torch.device
@@ -356,11 +359,13 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     export = out / "export"
     if rank == 0:
         extra = {"stage": cfg.stage, "class_names": data.class_names, "cond_labels": data.cond_labels,
+                 "labels": data.label_mapping,
                  "codec": data.codec_config, "image_shape": list(data.image_shape),
                  "latent_shape": list(data.latents.shape[1:]), "steps": steps, **(export_extra or {})}
         save_export(export, ema.cpu(), extra)
         write_manifest(out, cfg.stage, dataclasses.asdict(cfg), export="export", data=data.identity,
-                       class_names=data.class_names, steps=steps)
+                       class_names=data.class_names, cond_labels=data.cond_labels, labels=data.label_mapping,
+                       steps=steps)
     if world > 1:
         dist.barrier()
     return export
