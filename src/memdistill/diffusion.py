@@ -85,10 +85,14 @@ class Schedule:
         self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=b.dtype), self.alphas_cumprod[:-1]])
         self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # The posterior variance is 0 at the first step; clip the log as IDDPM does.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        )
+        # The posterior variance is 0 at the first step, so its log is replaced there by the next step's
+        # (IDDPM's clipping). A one-step chain has no next step: beta stands in. Either way the value at
+        # the first step is never used to draw noise (the last sampling step adds none), it only keeps
+        # the logs finite.
+        first = self.posterior_variance[1:2] if len(b) > 1 else b[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
+        # The fixed "large" variance (beta, with the same first value), for models without learned sigma.
+        self.log_variance_large = torch.log(torch.cat([first, b[1:]]))
         self.posterior_mean_coef1 = b * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * torch.sqrt(1.0 - b) / (1.0 - self.alphas_cumprod)
@@ -141,8 +145,7 @@ class GaussianDiffusion:
             log_var = frac * max_log + (1.0 - frac) * min_log
         elif output.shape[1] == c:
             # Fixed "large" variance, as DDPM with a fixed sigma.
-            first = s.posterior_variance[1:2]
-            log_var = _gather(torch.log(torch.cat([first, s.betas[1:]])), i, x_t).expand_as(x_t)
+            log_var = _gather(s.log_variance_large, i, x_t).expand_as(x_t)
         else:
             raise ValueError(f"model output has {output.shape[1]} channels, expected {c} or {2 * c}")
         x0 = self.predict_x0(x_t, i, eps, s)
