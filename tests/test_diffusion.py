@@ -219,3 +219,34 @@ def test_one_step_schedule_constants_are_finite():
     for name in ("alphas_cumprod", "posterior_log_variance_clipped", "log_variance_large", "posterior_mean_coef1",
                  "posterior_mean_coef2"):
         assert torch.isfinite(getattr(s, name)).all() and len(getattr(s, name)) == 1, name
+
+
+def _reference_respacing(num_timesteps: int, steps: int) -> list[int]:
+    """improved-diffusion's one-section respacing, re-derived literally: round the running float position,
+    then advance it by the float stride."""
+    stride = 1.0 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
+    picks = []
+    position = 0.0
+    i = 0
+    while i < steps:
+        picks.append(round(position))
+        position = position + stride
+        i += 1
+    return sorted(set(picks))
+
+
+def test_respacing_equals_the_reference_rule_for_every_step_count():
+    differ = [n for n in range(2, 1001) if respaced_timesteps(1000, n) != _reference_respacing(1000, n)]
+    assert differ == []
+    # counts where rounding i * stride gives another list (the rule is not the naive one)
+    assert respaced_timesteps(1000, 21) != sorted({round(i * 999 / 20) for i in range(21)})
+    # other schedule lengths too
+    for total in (10, 100, 4000):
+        for n in range(2, min(total, 300) + 1):
+            assert respaced_timesteps(total, n) == _reference_respacing(total, n), (total, n)
+
+
+def test_one_step_respacing_is_the_documented_deviation():
+    """Their rule takes timestep 0 for one step; we take T-1 (one step returns the clean prediction)."""
+    assert _reference_respacing(1000, 1) == [0]
+    assert respaced_timesteps(1000, 1) == [999]

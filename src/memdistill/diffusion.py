@@ -29,13 +29,31 @@ def linear_betas(num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, b
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """``steps`` timesteps of ``range(num_timesteps)`` evenly spread, first and last included."""
+    """``steps`` timesteps of ``range(num_timesteps)`` evenly spread, first and last included, ascending.
+
+    The rule of DiT / improved-diffusion's respacing (one section): a float position starts at 0 and grows by
+    the float stride (num_timesteps - 1) / (steps - 1) after each pick, and each pick is Python's ``round``
+    (half to even) of the running position. Rounding the accumulated sum, not ``i * stride``, is what makes
+    the lists equal theirs for every step count: the two differ by one timestep for a few hundred counts.
+
+    One step deviates on purpose: their rule takes timestep 0 (a stride of 1 from 0), which would feed the
+    network a nearly clean timestep on pure noise. We take T-1, so one step returns the model's clean
+    prediction from pure noise.
+
+    Raises UserError unless 1 <= steps <= num_timesteps.
+    """
     if not 1 <= steps <= num_timesteps:
         raise UserError(f"number of sampling steps must be in 1..{num_timesteps}, got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
+    kept, position = [], 0.0
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    # A stride >= 1 keeps the picks distinct and the accumulated error (~1e-13) keeps the last one at
+    # num_timesteps - 1; sorting a set guards the invariants the schedule relies on anyway.
+    return sorted(set(kept))
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
