@@ -307,6 +307,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                     logged /= world
                 diff, mse, vb = logged.tolist()
             if metrics_file is not None and log_now:
+                # The memory terms stay on the device between log steps: read them only here.
+                parts = {k: v.item() if torch.is_tensor(v) else v for k, v in parts.items()}
                 row = {"step": done, "loss": diff + parts.get("memory", 0.0), "diffusion": diff, "mse": mse, "vb": vb,
                        **parts, "step_time": dt}
                 if memories is not None:
@@ -361,7 +363,7 @@ def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfi
     mem, parts = memory_loss(all_pred, all_labels, memories, cfg.lambda_real, cfg.lambda_gen,
                              repeat_defect=cfg.repeat_loss_defect, visit_labels=visit)
     memories.update(all_labels, all_x0.detach(), all_pred.detach())
-    return loss + world * mem, {"memory": mem.detach().item(), **parts}
+    return loss + world * mem, {"memory": mem.detach(), **parts}  # tensors: read at log steps only
 
 
 def _trim_metrics(path: Path, step: int) -> None:
