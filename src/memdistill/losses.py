@@ -51,8 +51,9 @@ def _pair(first: int, at: torch.Tensor, mem: torch.Tensor, weight: float):
 
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor | float:
-    """The float64 mean of 0-d tensors, summed one by one in list order (as Python's sum of their floats),
-    left on their device for the caller to read when it logs; 0.0 for none."""
+    """The float64 mean of 0-d tensors, summed one by one in list order (the plain sequential float sum the
+    logged means were taken with before), left on their device for the caller to read when it logs;
+    0.0 for none."""
     if not values:
         return 0.0
     acc = values[0].double()
@@ -61,15 +62,14 @@ def _mean(values: list[torch.Tensor]) -> torch.Tensor | float:
     return acc / len(values)
 
 
-def _defect_visits(labels: list[int], visit_labels: torch.Tensor | None) -> list[int]:
+def _defect_visits(ours: list[int], visit_labels: torch.Tensor | None) -> list[int]:
     """The classes (labels' space) in the order the reference loop visits them: the iteration order of
     ``set(visit_labels.tolist())``, the labels it conditions on, mapped back to ``labels``.
 
     For small non-negative ints that order is ascending only while they are below the set's table size;
     ImageNet indices such as 193, 182, 258 come out as 193, 258, 182. Raises ValueError when
-    ``visit_labels`` (N,) does not name each class of ``labels`` (N,) by exactly one label.
+    ``visit_labels`` (N,) does not name each class of ``ours`` by exactly one label.
     """
-    ours = labels
     theirs = ours if visit_labels is None else visit_labels.tolist()
     if len(theirs) != len(ours):
         raise ValueError(f"{len(theirs)} visit labels for {len(ours)} labels")
