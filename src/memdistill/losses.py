@@ -64,7 +64,7 @@ def _mean(values: list[torch.Tensor]) -> torch.Tensor | float:
 
 def _defect_visits(ours: list[int], visit_labels: torch.Tensor | None) -> list[int]:
     """The classes (labels' space) in the order the reference loop visits them: the iteration order of
-    ``set(visit_labels.tolist())``, the labels it conditions on, mapped back to ``labels``.
+    ``set(visit_labels.tolist())``, the labels it conditions on, mapped back to ``ours`` (N,).
 
     For small non-negative ints that order is ascending only while they are below the set's table size;
     ImageNet indices such as 193, 182, 258 come out as 193, 258, 182. Raises ValueError when
