@@ -150,3 +150,103 @@ def test_clip_x0_keeps_pixel_predictions_in_range():
     y = d.sample(wild, (1, 2, 2), torch.zeros(2, dtype=torch.long), [image_generator(0, 0, k) for k in range(2)],
                  steps=10, sampler="ddim", clip_x0=True)
     assert y.abs().max() <= 1.0 + 1e-5
+
+
+def _cheap_model(learned: bool, scale: float = 0.3):
+    """A trivially cheap model whose eps depends on x and t (so a wrong timestep shows), with or without
+    the variance channels."""
+
+    def fn(x, t, y):
+        eps = scale * x + 1e-4 * t.view(-1, 1, 1, 1).float()
+        return torch.cat([eps, torch.tanh(x)], 1) if learned else eps
+
+    return fn
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("learned", [True, False])
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_one_step_returns_the_clean_prediction_at_the_last_timestep(sampler, learned, clip_x0):
+    """One step starts at t = T-1 and returns the model's x0 prediction there (clamped for pixel codecs)."""
+    d = GaussianDiffusion()
+    shape, y = (1, 2, 3), torch.tensor([0, 2])
+    seen = []
+    model = _cheap_model(learned)
+
+    def spy(x, t, yy):
+        seen.append(t.tolist())
+        return model(x, t, yy)
+
+    x = d.sample(spy, shape, y, [image_generator(5, int(c), i) for i, c in enumerate(y)], steps=1, sampler=sampler,
+                 clip_x0=clip_x0)
+    assert seen == [[999, 999]]
+    noise = torch.stack([torch.randn(shape, generator=image_generator(5, int(c), i)) for i, c in enumerate(y)])
+    t = torch.full((2,), 999)
+    expected = d.predict_x0(noise, t, model(noise, t, y)[:, :1])
+    assert expected.abs().max() > 1.5  # so the clamp matters
+    if clip_x0:
+        expected = expected.clamp(-1.0, 1.0)
+    assert torch.allclose(x, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("steps", [1, 2, 1000])
+def test_samplers_run_at_the_extreme_step_counts(sampler, steps):
+    """1, 2 and 1000 steps: the chain visits the right timesteps, and an exact model recovers its point."""
+    d = GaussianDiffusion()
+    target = torch.tensor([[[0.5, -0.25], [0.75, -0.9]]])
+    gens = [image_generator(2, 0, i) for i in range(2)]
+    seen = []
+    oracle = _oracle(d, target, learned=True)
+
+    def spy(x, t, y):
+        seen.append(int(t[0]))
+        return oracle(x, t, y)
+
+    x = d.sample(spy, (1, 2, 2), torch.zeros(2, dtype=torch.long), gens, steps=steps, sampler=sampler)
+    assert seen == {1: [999], 2: [999, 0], 1000: list(range(999, -1, -1))}[steps]
+    assert torch.isfinite(x).all()
+    assert torch.allclose(x, target.expand(2, -1, -1, -1), atol=1e-3)
+    if steps > 1:  # a plain model, learned variance: the noise of the inner steps stays finite
+        y = d.sample(_cheap_model(True, 0.01), (1, 2, 2), torch.zeros(2, dtype=torch.long), gens, steps=steps,
+                     sampler=sampler)
+        assert torch.isfinite(y).all()
+
+
+def test_one_step_schedule_constants_are_finite():
+    s = GaussianDiffusion().respaced(1)
+    assert s.timesteps.tolist() == [999]
+    for name in ("alphas_cumprod", "posterior_log_variance_clipped", "log_variance_large", "posterior_mean_coef1",
+                 "posterior_mean_coef2"):
+        assert torch.isfinite(getattr(s, name)).all() and len(getattr(s, name)) == 1, name
+
+
+def _reference_respacing(num_timesteps: int, steps: int) -> list[int]:
+    """improved-diffusion's one-section respacing, re-derived literally: round the running float position,
+    then advance it by the float stride."""
+    stride = 1.0 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
+    picks = []
+    position = 0.0
+    i = 0
+    while i < steps:
+        picks.append(round(position))
+        position = position + stride
+        i += 1
+    return sorted(set(picks))
+
+
+def test_respacing_equals_the_reference_rule_for_every_step_count():
+    differ = [n for n in range(2, 1001) if respaced_timesteps(1000, n) != _reference_respacing(1000, n)]
+    assert differ == []
+    # counts where rounding i * stride gives another list (the rule is not the naive one)
+    assert respaced_timesteps(1000, 21) != sorted({round(i * 999 / 20) for i in range(21)})
+    # other schedule lengths too
+    for total in (10, 100, 4000):
+        for n in range(2, min(total, 300) + 1):
+            assert respaced_timesteps(total, n) == _reference_respacing(total, n), (total, n)
+
+
+def test_one_step_respacing_is_the_documented_deviation():
+    """Their rule takes timestep 0 for one step; we take T-1 (one step returns the clean prediction)."""
+    assert _reference_respacing(1000, 1) == [0]
+    assert respaced_timesteps(1000, 1) == [999]

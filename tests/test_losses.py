@@ -88,8 +88,9 @@ def test_memory_loss_repeat_defect():
     mem = _filled_memories()
     total, parts = memory_loss(PRED, LABELS, mem, LR, LG, repeat_defect=True)
     term0, term1 = LR * 1 + LG * 1, LR * 2 + LG * 0
-    # running sums after class 0 and class 1 are re-added: class 0 counts twice.
-    assert total.item() == pytest.approx((term0 + (term0 + term1)) / 3, abs=1e-6)
+    # The running sum is re-added after every visited class (set order 0, 1, 2), class 2 included although
+    # its generated memory is empty: class 0 counts three times, class 1 twice.
+    assert total.item() == pytest.approx((term0 + 2 * (term0 + term1)) / 3, abs=1e-6)
     correct, _ = memory_loss(PRED, LABELS, mem, LR, LG)
     assert total.item() > correct.item()
     assert parts["classes"] == 2
@@ -117,3 +118,105 @@ def test_memory_loss_gradient_flows_to_pred():
     total.backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert pred.grad[2].abs().sum() == 0  # class 2 (empty gen memory) gets no gradient
+
+
+COND = [193, 182, 258, 162, 155]  # the model's class index of labels 0..4 (ImageWoof's first five)
+
+
+def _reference_defect_loop(pred, labels, cond, mem, lambda_real, lambda_gen):
+    """The reference code's class loop, re-enacted literally: visit the set of conditioning labels in its own
+    iteration order, add a class's terms to a running sum once its generated memory is non-empty, and add the
+    running sum to the total after every visited class."""
+    y = [cond[c] for c in labels.tolist()]
+    total = torch.zeros(())
+    running = torch.zeros(())
+    for v in set(y):
+        c = cond.index(v)
+        p = pred[labels == c]
+        if len(mem.gen(c)) > 0:
+            term = lambda_gen * cosine_matrix(p, mem.gen(c).tensor()).max()
+            if len(mem.real(c)) > 0:
+                term = term + lambda_real * (1 - cosine_matrix(p, mem.real(c).tensor()).min())
+            running = running + term
+        total = total + running
+    return total / len(set(y))
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "fifo"])
+def test_repeat_defect_is_the_reference_loop(strategy):
+    g = torch.Generator().manual_seed(11)
+    mem = ClassMemories(5, 3, 2, strategy)
+    mem.gen(3).add(torch.randn(2, 2, 3, 3, generator=g))  # class 3: generated memory only; class 4: never filled
+    unsorted = with_empty = 0
+    for step in range(20):
+        labels = torch.randint(0, 5, (7,), generator=g)
+        visit = torch.tensor(COND)[labels]
+        order = [COND.index(v) for v in set(visit.tolist())]
+        unsorted += order != sorted(order)
+        with_empty += any(len(mem.gen(c)) == 0 for c in order[:-1])  # an empty class with visits after it
+        pred = torch.randn(7, 2, 3, 3, generator=g, requires_grad=True)
+        total, _ = memory_loss(pred, labels, mem, 0.5, 2.0, repeat_defect=True, visit_labels=visit)
+        ref_pred = pred.detach().clone().requires_grad_(True)
+        ref = _reference_defect_loop(ref_pred, labels, COND, mem, 0.5, 2.0)
+        assert total.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-7), step
+        if ref.requires_grad:
+            total.backward()
+            ref.backward()
+            assert torch.allclose(pred.grad, ref_pred.grad, atol=1e-7), step
+        keep = labels < 3  # classes 3 and 4 are never inserted
+        mem.update(labels[keep], torch.randn(int(keep.sum()), 2, 3, 3, generator=g), pred.detach()[keep])
+    assert unsorted >= 5 and with_empty >= 5  # the batches exercise both faults
+
+
+def test_repeat_defect_visits_the_set_order_not_the_sorted_order():
+    """Known answer: the set of conditioning labels 193, 182, 258 iterates as 193, 258, 182 (not sorted), and
+    the class visited at position p of V counts V - p times."""
+    assert list({193, 182, 258}) == [193, 258, 182]
+    mem = ClassMemories(3, 2, 2, "fifo")
+    for c, e in enumerate((E1, E2, E3)):
+        mem.gen(c).add(e[None])
+    labels = torch.tensor([0, 1, 2])  # cond labels 193, 182, 258
+    pred = torch.stack([E1, E2, E3])  # each class's L_gen = 1, no real memory
+    total, _ = memory_loss(pred, labels, mem, 0.0, 1.0, repeat_defect=True,
+                           visit_labels=torch.tensor([193, 182, 258]))
+    # visits: class 0 (193), class 2 (258), class 1 (182): 3 + 2 + 1 = 6 terms of 1, over |C_B| = 3
+    assert total.item() == pytest.approx(6 / 3)
+    # an empty class visited first still re-adds the (zero) running sum; visited between, it repeats it
+    mem2 = ClassMemories(3, 2, 2, "fifo")
+    mem2.gen(0).add(E1[None])
+    mem2.gen(1).add(E2[None])  # class 2 (258) stays empty and is visited second
+    total, _ = memory_loss(pred, labels, mem2, 0.0, 1.0, repeat_defect=True,
+                           visit_labels=torch.tensor([193, 182, 258]))
+    # visits: 0 -> running 1, total 1; 2 (empty) -> total 2; 1 -> running 2, total 4
+    assert total.item() == pytest.approx(4 / 3)
+
+
+def test_repeat_defect_rejects_visit_labels_that_are_not_one_to_one():
+    mem = ClassMemories(3, 2, 2, "fifo")
+    with pytest.raises(ValueError, match="exactly one label"):
+        memory_loss(torch.stack([E1, E2]), torch.tensor([0, 1]), mem, 0.5, 2.0, repeat_defect=True,
+                    visit_labels=torch.tensor([7, 7]))
+
+
+def test_training_step_visits_the_models_class_indices_with_the_defect():
+    """train._add_memory_loss hands the reference loop the conditioning labels (the model's class indices),
+    so the visit order is that of the set of ImageNet indices, not of the labels 0..K-1."""
+    from memdistill.train import TrainConfig, _add_memory_loss
+
+    g = torch.Generator().manual_seed(4)
+    mem = ClassMemories(3, 2, 2, "fifo")
+    for c in range(3):
+        mem.gen(c).add(torch.randn(2, 2, 3, 3, generator=g))
+        mem.real(c).add(torch.randn(2, 2, 3, 3, generator=g))
+    labels = torch.tensor([0, 1, 2, 1])
+    cond = torch.tensor([193, 182, 258])  # set order 193, 258, 182: labels 0, 2, 1
+    pred = torch.randn(4, 2, 3, 3, generator=g)
+    cfg = TrainConfig(memory="fifo", repeat_loss_defect=True, lambda_real=0.5, lambda_gen=2.0)
+    before = ClassMemories(3, 2, 2, "fifo")
+    before.load_state_dict(mem.state_dict())
+    loss, _ = _add_memory_loss(torch.zeros(()), pred, labels, torch.randn(4, 2, 3, 3, generator=g),
+                               torch.zeros(4, dtype=torch.long), mem, cfg, 0, 1, cond)
+    ref = _reference_defect_loop(pred, labels, cond.tolist(), before, 0.5, 2.0)
+    by_labels = _reference_defect_loop(pred, labels, [0, 1, 2], before, 0.5, 2.0)
+    assert abs(ref.item() - by_labels.item()) > 1e-3  # the two orders give different totals here
+    assert float(loss) == pytest.approx(ref.item(), rel=1e-6)

@@ -29,18 +29,39 @@ def linear_betas(num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, b
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """``steps`` timesteps of ``range(num_timesteps)`` evenly spread, first and last included."""
+    """``steps`` timesteps of ``range(num_timesteps)`` evenly spread, first and last included, ascending.
+
+    The rule of DiT / improved-diffusion's respacing (one section): a float position starts at 0 and grows by
+    the float stride (num_timesteps - 1) / (steps - 1) after each pick, and each pick is Python's ``round``
+    (half to even) of the running position. Rounding the accumulated sum, not ``i * stride``, is what makes
+    the lists equal theirs for every step count: the two differ by one timestep for a few hundred counts.
+
+    One step deviates on purpose: their rule takes timestep 0 (a stride of 1 from 0), which would feed the
+    network a nearly clean timestep on pure noise. We take T-1, so one step returns the model's clean
+    prediction from pure noise.
+
+    Raises UserError unless 1 <= steps <= num_timesteps.
+    """
     if not 1 <= steps <= num_timesteps:
         raise UserError(f"number of sampling steps must be in 1..{num_timesteps}, got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
+    kept, position = [], 0.0
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    # A stride >= 1 keeps the picks distinct and the accumulated error (~1e-13) keeps the last one at
+    # num_timesteps - 1; sorting a set guards the invariants the schedule relies on anyway.
+    return sorted(set(kept))
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] broadcast to ``like``'s shape, in ``like``'s dtype."""
-    out = values.to(like.device)[t].to(like.dtype)
+def _gather(s: "Schedule", name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The schedule table ``name`` at indices t (N,), shaped (N, 1, ...) to broadcast against ``like``, in
+    ``like``'s dtype and on its device. The table comes from the schedule's per-device cache: copying the
+    float64 table to the device on every call costs a host-to-device transfer per call in the training
+    loop. Casting the table before indexing gives the same values as indexing before casting."""
+    out = s.on(name, like.device, like.dtype)[t]
     return out.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -85,15 +106,27 @@ class Schedule:
         self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=b.dtype), self.alphas_cumprod[:-1]])
         self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # The posterior variance is 0 at the first step; clip the log as IDDPM does.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        )
+        # The posterior variance is 0 at the first step, so its log is replaced there by the next step's
+        # (IDDPM's clipping). A one-step chain has no next step: beta stands in. Either way the value at
+        # the first step is never used to draw noise (the last sampling step adds none), it only keeps
+        # the logs finite.
+        first = self.posterior_variance[1:2] if len(b) > 1 else b[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
+        # The fixed "large" variance (beta, with the same first value), for models without learned sigma.
+        self.log_variance_large = torch.log(torch.cat([first, b[1:]]))
         self.posterior_mean_coef1 = b * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * torch.sqrt(1.0 - b) / (1.0 - self.alphas_cumprod)
         )
         self.log_betas = torch.log(b)
+        self._on: dict[tuple, torch.Tensor] = {}
+
+    def on(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """The table ``name`` (S,) in ``dtype`` on ``device``, converted once and cached."""
+        key = (name, torch.device(device), dtype)
+        if key not in self._on:
+            self._on[key] = getattr(self, name).to(device=device, dtype=dtype)
+        return self._on[key]
 
     @property
     def num_steps(self) -> int:
@@ -110,13 +143,13 @@ class GaussianDiffusion:
     # ----- forward process -------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
-        abar = _gather(self.base.alphas_cumprod, t, x0)
+        abar = _gather(self.base, "alphas_cumprod", t, x0)
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: Schedule | None = None):
         """zhat = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), per sample at its own t (step index of ``schedule``)."""
         s = schedule or self.base
-        abar = _gather(s.alphas_cumprod, t, x_t)
+        abar = _gather(s, "alphas_cumprod", t, x_t)
         return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -124,8 +157,8 @@ class GaussianDiffusion:
 
     # ----- reverse process -------------------------------------------------------------------------
     def _posterior(self, s: Schedule, x0, x_t, i):
-        mean = _gather(s.posterior_mean_coef1, i, x_t) * x0 + _gather(s.posterior_mean_coef2, i, x_t) * x_t
-        return mean, _gather(s.posterior_log_variance_clipped, i, x_t)
+        mean = _gather(s, "posterior_mean_coef1", i, x_t) * x0 + _gather(s, "posterior_mean_coef2", i, x_t) * x_t
+        return mean, _gather(s, "posterior_log_variance_clipped", i, x_t)
 
     def p_mean_variance(self, s: Schedule, output: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor,
                         clip_x0: bool = False):
@@ -136,13 +169,12 @@ class GaussianDiffusion:
         if output.shape[1] == 2 * c:
             # Learned range: interpolate (in log space) between the posterior variance and beta.
             frac = (output[:, c:] + 1.0) / 2.0
-            min_log = _gather(s.posterior_log_variance_clipped, i, x_t)
-            max_log = _gather(s.log_betas, i, x_t)
+            min_log = _gather(s, "posterior_log_variance_clipped", i, x_t)
+            max_log = _gather(s, "log_betas", i, x_t)
             log_var = frac * max_log + (1.0 - frac) * min_log
         elif output.shape[1] == c:
             # Fixed "large" variance, as DDPM with a fixed sigma.
-            first = s.posterior_variance[1:2]
-            log_var = _gather(torch.log(torch.cat([first, s.betas[1:]])), i, x_t).expand_as(x_t)
+            log_var = _gather(s, "log_variance_large", i, x_t).expand_as(x_t)
         else:
             raise ValueError(f"model output has {output.shape[1]} channels, expected {c} or {2 * c}")
         x0 = self.predict_x0(x_t, i, eps, s)
@@ -153,7 +185,7 @@ class GaussianDiffusion:
         return mean, log_var, x0, eps
 
     def _eps_from_x0(self, s: Schedule, x_t, i, x0):
-        abar = _gather(s.alphas_cumprod, i, x_t)
+        abar = _gather(s, "alphas_cumprod", i, x_t)
         return (x_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
 
     # ----- training --------------------------------------------------------------------------------
@@ -216,14 +248,14 @@ class GaussianDiffusion:
         y = y.to(device)
         for i in tqdm(range(s.num_steps - 1, -1, -1), desc=f"{sampler} sampling", disable=not progress, leave=False):
             idx = torch.full((len(y),), i, dtype=torch.long, device=device)
-            t = s.timesteps.to(device)[idx]
+            t = s.on("timesteps", device, torch.long)[idx]
             out = model_fn(x, t, y)
             mean, log_var, x0, eps = self.p_mean_variance(s, out, x, idx, clip_x0=clip_x0)
             if sampler == "ddpm":
                 x = mean + (torch.exp(0.5 * log_var) * noise_like() if i > 0 else 0.0)
             else:
-                abar = _gather(s.alphas_cumprod, idx, x)
-                abar_prev = _gather(s.alphas_cumprod_prev, idx, x)
+                abar = _gather(s, "alphas_cumprod", idx, x)
+                abar_prev = _gather(s, "alphas_cumprod_prev", idx, x)
                 sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
                 x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
                 if eta > 0 and i > 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from memdistill.memory import COS_EPS, ClassMemories
@@ -41,6 +43,43 @@ def diversity_loss(pred: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     return cosine_matrix(pred, _check_memory(memory, "diversity_loss")).max()
 
 
+def _pair(first: int, at: torch.Tensor, mem: torch.Tensor, weight: float):
+    """The pair attaining a class extreme, as (row index in the class-sorted batch (1,), memory row (1, d),
+    weight), from ``at``, the flat index into the class's (B_c, K) cosines, without reading it back."""
+    at = at.view(1)
+    return first + torch.div(at, len(mem), rounding_mode="floor"), mem.index_select(0, at % len(mem)), weight
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor | float:
+    """The float64 mean of 0-d tensors, summed one by one in list order (the plain sequential float sum the
+    logged means were taken with before), left on their device for the caller to read when it logs;
+    0.0 for none."""
+    if not values:
+        return 0.0
+    acc = values[0].double()
+    for v in values[1:]:
+        acc = acc + v.double()
+    return acc / len(values)
+
+
+def _defect_visits(ours: list[int], visit_labels: torch.Tensor | None) -> list[int]:
+    """The classes (labels' space) in the order the reference loop visits them: the iteration order of
+    ``set(visit_labels.tolist())``, the labels it conditions on, mapped back to ``ours`` (N,).
+
+    For small non-negative ints that order is ascending only while they are below the set's table size;
+    ImageNet indices such as 193, 182, 258 come out as 193, 258, 182. Raises ValueError when
+    ``visit_labels`` (N,) does not name each class of ``ours`` by exactly one label.
+    """
+    theirs = ours if visit_labels is None else visit_labels.tolist()
+    if len(theirs) != len(ours):
+        raise ValueError(f"{len(theirs)} visit labels for {len(ours)} labels")
+    pairs = set(zip(theirs, ours))
+    to_ours = dict(pairs)
+    if len(to_ours) != len(pairs) or len(set(to_ours.values())) != len(to_ours):
+        raise ValueError("visit_labels must name each class by exactly one label")
+    return [to_ours[v] for v in set(theirs)]
+
+
 def memory_loss(
     pred_x0: torch.Tensor,
     labels: torch.Tensor,
@@ -48,6 +87,7 @@ def memory_loss(
     lambda_real: float,
     lambda_gen: float,
     repeat_defect: bool = False,
+    visit_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """(1/|C_B|) * sum_c (lambda_real L_real^c + lambda_gen L_gen^c) over the batch's classes.
 
@@ -58,24 +98,32 @@ def memory_loss(
     getting the full weight). A contributing class whose real memory is empty adds only its
     diversity term. Memories are used as they are; the caller inserts this batch afterwards.
 
-    repeat_defect=True reproduces the reference code's bug, for ablation only: classes are
-    visited in ascending label order, skipping non-contributing ones; with term_j the j-th
-    contributing class's lambda_real L_real + lambda_gen L_gen and running_j = term_1 + ... + term_j,
-    the total is (running_1 + ... + running_m) / |C_B| = sum_j (m - j + 1) term_j / |C_B|,
-    i.e. the j-th contributing class is counted m - j + 1 times.
+    repeat_defect=True reproduces the reference code's loop, for ablation only. It visits the
+    classes in the iteration order of the Python set of the batch's ``visit_labels`` (N,) (the
+    labels the reference conditions on, i.e. the model's class indices; default ``labels``), adds a
+    contributing class's term to a running sum, and adds the running sum to the total after EVERY
+    visited class, contributing or not. So with V = |C_B| visits, the class visited at position p
+    (0-based) counts V - p times; the total is still divided by |C_B|.
 
     Returns (total, parts) with parts = {"real": mean L_real over classes with a real term,
-    "gen": mean L_gen over contributing classes, "classes": number of contributing classes}
-    (floats, detached; 0.0 when none). total is a zero tensor when no class contributes.
+    "gen": mean L_gen over contributing classes, "classes": number of contributing classes}: the
+    means are detached 0-d float64 tensors on pred_x0's device (0.0 when none), so that reading them,
+    a device sync, is left to the caller's log steps. total is a zero tensor when no class contributes.
+    The only device-to-host transfer is that of ``labels`` (and ``visit_labels`` with the defect).
+    Raises ValueError on mismatched sizes, or visit_labels that do not name classes one to one.
     """
     if labels.shape[0] != pred_x0.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {pred_x0.shape[0]} predictions")
     if labels.shape[0] == 0:  # e.g. every sample filtered out by --memory-max-t
         return pred_x0.new_zeros(()), {"real": 0.0, "gen": 0.0, "classes": 0}
-    # One stable sort makes each class a contiguous run of rows; classes come out ascending, which
-    # fixes the order the defect depends on. Rows normalise independently, so normalising the whole
-    # batch once gives every class exactly the rows `cosine_matrix` would.
-    classes, counts = torch.unique(labels, return_counts=True)
+    # The one host transfer: which classes are present picks the memory banks (host objects). Everything
+    # else stays on the device: the extremes, where they are attained and the logged values are tensors.
+    host_labels = labels.tolist()
+    visits = _defect_visits(host_labels, visit_labels) if repeat_defect else None
+    sizes = collections.Counter(host_labels)
+    # One stable sort makes each class a contiguous run of rows, classes ascending. Rows normalise
+    # independently, so normalising the whole batch once gives every class exactly the rows
+    # `cosine_matrix` would.
     order = torch.argsort(labels, stable=True)
     pred_rows = unit_rows(pred_x0.index_select(0, order))  # (N, d), grouped by class
     rows = pred_rows.detach()
@@ -83,15 +131,16 @@ def memory_loss(
     # pair that attains it. So the extremes (and the totals, by the same float ops as the per-class
     # formula) are computed without autograd, and the gradient comes from recomputing only the chosen
     # pairs in one batched op: a per-class autograd graph costs more than the arithmetic.
-    total = rows.new_zeros(())
     running = rows.new_zeros(())
-    real_values: list[float] = []
-    gen_values: list[float] = []
-    picks: list[list[tuple[int, torch.Tensor, float]]] = []  # per contributing class: (row of pred_rows,
-    # memory row (1, d), d term / d cos) for its diversity pair and, if any, its representativeness pair
+    real_values: list[torch.Tensor] = []
+    gen_values: list[torch.Tensor] = []
+    terms: dict[int, torch.Tensor] = {}  # contributing class -> its term, in ascending class order
+    picks: dict[int, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}  # contributing class -> (row of
+    # pred_rows (1,), memory row (1, d), d term / d cos) for its diversity pair and, if any, its
+    # representativeness pair; rows found on the device, never read back
     start = 0
-    for c, n in zip(classes.tolist(), counts.tolist()):
-        first, start = start, start + n
+    for c in sorted(sizes):
+        first, start = start, start + sizes[c]
         gen_bank, real_bank = memories.gen(c), memories.real(c)
         if len(gen_bank) == 0:
             continue
@@ -99,37 +148,37 @@ def memory_loss(
         # Memories are constant targets: their normalised rows come cached from the bank, detached.
         mem = gen_bank.unit_rows(rows.dtype, rows.device)  # (K_g, d)
         l_gen, at = (rows[first:start] @ mem.T).view(-1).max(0)  # max cos over (B_c, K_g)
-        class_picks.append((first + int(at) // len(mem), mem[int(at) % len(mem)][None], lambda_gen))
+        class_picks.append(_pair(first, at, mem, lambda_gen))
         term = lambda_gen * l_gen
-        gen_values.append(float(l_gen))
+        gen_values.append(l_gen)
         if len(real_bank) > 0:
             mem = real_bank.unit_rows(rows.dtype, rows.device)  # (K_r, d)
             low, at = (rows[first:start] @ mem.T).view(-1).min(0)
             l_real = 1 - low
-            class_picks.append((first + int(at) // len(mem), mem[int(at) % len(mem)][None], -lambda_real))
+            class_picks.append(_pair(first, at, mem, -lambda_real))
             term = term + lambda_real * l_real
-            real_values.append(float(l_real))
+            real_values.append(l_real)
         running = running + term
-        if repeat_defect:
+        terms[c] = term
+        picks[c] = class_picks
+    # How often each contributing class's term counts: once, or with the defect V - p times.
+    times = dict.fromkeys(terms, 1)
+    total = running
+    if repeat_defect:
+        total, running = rows.new_zeros(()), rows.new_zeros(())
+        for p, c in enumerate(visits):
+            if c in terms:
+                running = running + terms[c]
+                times[c] = len(visits) - p
             total = total + running
-        picks.append(class_picks)
-    if not repeat_defect:
-        total = running
     if picks:
-        total = total / len(classes)
-        # The same total as a function of the chosen pairs: the j-th of m contributing classes counts
-        # once, or m - j + 1 times with the defect (its term is in every later running sum).
-        m = len(picks)
-        pairs = [(i, row, d * ((m - j) if repeat_defect else 1) / len(classes))
-                 for j, class_picks in enumerate(picks) for i, row, d in class_picks]
-        idx = torch.tensor([i for i, _, _ in pairs], device=rows.device)
+        total = total / len(sizes)
+        pairs = [(i, row, d * times[c] / len(sizes)) for c, class_picks in picks.items()
+                 for i, row, d in class_picks]
+        idx = torch.cat([i for i, _, _ in pairs])
         coef = torch.tensor([d for _, _, d in pairs], dtype=rows.dtype, device=rows.device)
         cos = (pred_rows.index_select(0, idx) * torch.cat([row for _, row, _ in pairs])).sum(dim=1)  # (P,)
         live = (coef * cos).sum()
         total = total + (live - live.detach())  # the value above, exactly; the gradient of the pairs
-    parts = {
-        "real": sum(real_values) / len(real_values) if real_values else 0.0,
-        "gen": sum(gen_values) / len(gen_values) if gen_values else 0.0,
-        "classes": len(gen_values),
-    }
+    parts = {"real": _mean(real_values), "gen": _mean(gen_values), "classes": len(gen_values)}
     return total, parts

@@ -18,6 +18,7 @@ for all classes. tests/test_memory.py checks the result against the naive rule.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -108,6 +109,7 @@ class MemoryBank:
         # Entries as normalised rows in the losses' dtype, keyed by (dtype, device, eps): the losses
         # read every memory every step. fifo: (K, d), rebuilt after a change; adaptive: (R, d) slots.
         self._rows_cache: dict[tuple, torch.Tensor] = {}
+        self._pending: tuple[int, int] | None = None  # (K, n) between `_add_adaptive` and `_finish`
 
     def __len__(self) -> int:
         if self._age is not None:
@@ -156,6 +158,15 @@ class MemoryBank:
     def _add(self, latents: torch.Tensor, unit: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
         """`add`, optionally with ``_unit_rows(latents)`` and the rows ``unit_rows`` would give them
         in their own dtype/device with COS_EPS already computed (for a whole batch at once)."""
+        pending = self._begin(latents, unit, rows)
+        if pending is not None:
+            self._finish(pending.cpu())
+
+    def _begin(self, latents: torch.Tensor, unit: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The device part of `_add`. An adaptive bank returns the new rows of its Gram matrix (n, K+n), still
+        on the device, and must get them back on the CPU through `_finish` before anything else touches it
+        (so that `ClassMemories.update` reads every bank's rows in one transfer); otherwise None (done)."""
         if latents.dim() < 1:
             raise ValueError("MemoryBank.add expects a batch (N, ...), got a scalar")
         shape = tuple(latents.shape[1:])
@@ -164,7 +175,7 @@ class MemoryBank:
         elif shape != self._entry_shape:
             raise ValueError(f"memory entries have shape {self._entry_shape}, got a batch of {shape}")
         if latents.shape[0] == 0:
-            return
+            return None
         new = latents.detach()
         if self._entries is None:
             new = new.clone()
@@ -175,8 +186,8 @@ class MemoryBank:
         if self.strategy == "fifo":
             self._rows_cache = {}
             self._add_fifo(new)
-        else:
-            self._add_adaptive(new, _unit_rows(new) if unit is None else unit, rows)
+            return None
+        return self._add_adaptive(new, _unit_rows(new) if unit is None else unit, rows)
 
     def _add_fifo(self, new: torch.Tensor) -> None:
         merged = new if self._entries is None else torch.cat([self._entries, new])
@@ -199,9 +210,10 @@ class MemoryBank:
             grown[:k] = rows[:k]
             self._rows_cache[key] = grown
 
-    def _add_adaptive(self, new: torch.Tensor, u_new: torch.Tensor, new_rows: torch.Tensor | None) -> None:
+    def _add_adaptive(self, new: torch.Tensor, u_new: torch.Tensor, new_rows: torch.Tensor | None) -> torch.Tensor:
         """``new`` (n, ...) entries, ``u_new`` (n, d) their float64 unit rows, ``new_rows`` None or
-        their `unit_rows` in their own dtype/device with COS_EPS."""
+        their `unit_rows` in their own dtype/device with COS_EPS. Stores them and returns their Gram rows
+        (n, K+n) in slot order, on the device, for `_finish`."""
         k, n = len(self), new.shape[0]
         if self._age is None:
             self._age, self._gram, self._rowsum = np.zeros(0, np.int64), np.zeros((0, 0)), np.zeros(0)
@@ -211,9 +223,14 @@ class MemoryBank:
         for (dtype, device, eps), rows in self._rows_cache.items():
             same = new_rows is not None and (dtype, device, eps) == (new.dtype, new.device, COS_EPS)
             rows[k:k + n] = new_rows if same else _normalised(new, dtype, device, eps)
+        self._pending = (k, n)
+        return u_new @ self._unit[:k + n].T  # (n, K+n) in slot order: the only O(d) work
+
+    def _finish(self, rows: torch.Tensor) -> None:
+        """The CPU bookkeeping of an adaptive `_add`: ``rows`` are `_add_adaptive`'s Gram rows, on the CPU."""
+        (k, n), self._pending = self._pending, None
         total = k + n
         order = np.concatenate([self._age, np.arange(k, total)])  # (K+n,) slots, oldest first
-        rows = (u_new @ self._unit[:total].T).cpu()  # (n, K+n) in slot order: the only O(d) work
         g_rows = rows.numpy()
         gram = np.empty((total, total))  # slot order
         gram[:k, :k] = self._gram
@@ -358,19 +375,30 @@ class ClassMemories:
         if labels.shape[0] == 0:
             return
         # One stable sort makes each class a contiguous run (batch order kept inside it), so the
-        # per-class pieces are views; classes come out ascending, so insertion order is deterministic.
-        classes, counts = torch.unique(labels, return_counts=True)
+        # per-class pieces are views; classes are taken ascending, so insertion order is deterministic.
+        # The labels are the one device-to-host read besides the Gram rows below.
+        sizes = collections.Counter(labels.tolist())
         order = torch.argsort(labels, stable=True)
         pieces = [z_clean.detach().index_select(0, order), z_pred.detach().index_select(0, order)]
         if self.strategy == "adaptive":  # rows normalise independently: once for all classes
             pieces += [_unit_rows(pieces[0]), _unit_rows(pieces[1])]
             pieces += [_normalised(x, x.dtype, x.device, COS_EPS) for x in pieces[:2]]
         start = 0
-        for c, n in zip(classes.tolist(), counts.tolist()):
+        pending: list[tuple[MemoryBank, torch.Tensor]] = []
+        for c in sorted(sizes):
+            n = sizes[c]
             real, gen, *extra = (p[start:start + n] for p in pieces)
-            self.real(c)._add(real, *extra[0::2])  # (unit, rows) for adaptive, nothing for fifo
-            self.gen(c)._add(gen, *extra[1::2])
+            for bank, part, more in ((self.real(c), real, extra[0::2]), (self.gen(c), gen, extra[1::2])):
+                rows = bank._begin(part, *more)  # (unit, rows) for adaptive, nothing for fifo
+                if rows is not None:
+                    pending.append((bank, rows))
             start += n
+        if pending:  # every bank's new Gram rows in one device-to-host transfer, then the CPU bookkeeping
+            host = torch.cat([rows.reshape(-1) for _, rows in pending]).cpu()
+            at = 0
+            for bank, rows in pending:
+                bank._finish(host[at:at + rows.numel()].view(rows.shape).clone())
+                at += rows.numel()
 
     def sizes(self) -> dict[int, dict[str, int]]:
         """{class: {"real": n, "gen": n}} for every class (0 where never filled)."""

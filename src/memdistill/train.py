@@ -323,7 +323,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             parts = {}
             if memories is not None:
                 loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories, cfg,
-                                               rank, world)
+                                               rank, world, cond)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -341,6 +341,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                     logged /= world
                 diff, mse, vb = logged.tolist()
             if metrics_file is not None and log_now:
+                # The memory terms stay on the device between log steps: read them only here.
+                parts = {k: v.item() if torch.is_tensor(v) else v for k, v in parts.items()}
                 row = {"step": done, "loss": diff + parts.get("memory", 0.0), "diffusion": diff, "mse": mse, "vb": vb,
                        **parts, "step_time": dt}
                 if memories is not None:
@@ -371,12 +373,14 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     return export
 
 
-def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfig, rank: int, world: int):
+def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfig, rank: int, world: int,
+                     cond: torch.Tensor | None = None):
     """Memory terms on the global batch, then the memory update.
 
     Every rank sees all ranks' predictions, but only its own slice carries gradient; scaling the term by the
     world size makes the DDP-averaged gradient equal to the single-process gradient of the global batch.
-    ``t_all`` holds the global batch's timesteps (for ``cfg.memory_max_t``).
+    ``t_all`` holds the global batch's timesteps (for ``cfg.memory_max_t``). ``cond`` (K,) maps a label to
+    the model's class index: the reference loop that ``cfg.repeat_loss_defect`` reproduces visits those.
     """
     from .losses import memory_loss
 
@@ -391,10 +395,11 @@ def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfi
     if cfg.memory_max_t is not None:
         keep = (t_all < cfg.memory_max_t).nonzero().view(-1)
         all_pred, all_labels, all_x0 = (x.index_select(0, keep) for x in (all_pred, all_labels, all_x0))
+    visit = cond[all_labels] if cfg.repeat_loss_defect and cond is not None else None
     mem, parts = memory_loss(all_pred, all_labels, memories, cfg.lambda_real, cfg.lambda_gen,
-                             repeat_defect=cfg.repeat_loss_defect)
+                             repeat_defect=cfg.repeat_loss_defect, visit_labels=visit)
     memories.update(all_labels, all_x0.detach(), all_pred.detach())
-    return loss + world * mem, {"memory": mem.detach().item(), **parts}
+    return loss + world * mem, {"memory": mem.detach(), **parts}  # tensors: read at log steps only
 
 
 def _trim_metrics(path: Path, step: int) -> None:
