@@ -123,3 +123,22 @@ def _subset(tmp_path):
     path = tmp_path / "three.txt"
     path.write_text("0\n1\n2\n")
     return path
+
+
+def test_evaluate_offers_the_skip_option_its_message_names(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    test = tmp_path / "test"
+    for c in DIGITS:
+        (test / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(test / c / f"{i}.png")
+    (test / "4" / "1.png").write_bytes(b"truncated")
+    assert main(["select", "--data", "digits", "--ipc", "1", "--out", str(tmp_path / "set")]) == 0
+    args = ["evaluate", "--train", str(tmp_path / "set"), "--test", str(test), "--epochs", "1", "--repeats", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable image" in err and "--skip-bad-images" in err
+    assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["num_test"] == 19

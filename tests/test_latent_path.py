@@ -90,3 +90,37 @@ def test_two_gloo_processes_encode_once_and_match_one_process(latent_pair, tmp_p
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-5), name
+
+
+def _png_tree(root, per_class=4):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def test_cache_hit_on_folder_data_decodes_no_image(latent_pair, tmp_path, monkeypatch, capsys):
+    import memdistill.data as data
+
+    vae, init = latent_pair
+    tree = _png_tree(tmp_path / "tree")
+    args = ["finetune", "--data", str(tree), "--codec", "vae", "--vae", str(vae), "--init", str(init),
+            "--batch-size", "8", "--steps", "2", "--device", "cpu", "--no-progress", "--latent-cache",
+            str(tmp_path / "cache")]
+    decoded = []
+    real_check = data._check_image
+    monkeypatch.setattr(data, "_check_image", lambda p: decoded.append(p) or real_check(p))
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert len(decoded) == 40  # the miss decodes (checks) every image once before encoding
+    decoded.clear()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert decoded == []  # the hit reads headers only
+    # A damaged image under a cache miss is still one clear line.
+    (tree / "3" / "0.png").write_bytes(b"not a png")
+    assert main([*args, "--out", str(tmp_path / "c")]) == 2
+    assert "unreadable image" in capsys.readouterr().err

@@ -220,7 +220,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out}: results.json there is a folder; choose another --out")
     cfg = config_from_args(EvalConfig, args, EvalConfig())
     result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
-                                resolution=args.resolution)
+                                resolution=args.resolution, skip_bad_images=args.skip_bad_images)
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
     say(f"results written to {Path(args.out) / 'results.json'}")
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size of a train folder tree and of the test images (default: the train images' "
                         "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images of a --test folder with a warning (default: stop at the first)")
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
     p.set_defaults(func=_cmd_evaluate)

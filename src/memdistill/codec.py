@@ -197,6 +197,29 @@ def cache_key(codec: Codec, dataset) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cache_path(codec: Codec, dataset, cache_dir: str | Path) -> Path:
+    """Where the latents of ``dataset`` under ``codec`` are cached in ``cache_dir``."""
+    return Path(cache_dir) / f"latents-{cache_key(codec, dataset)}.safetensors"
+
+
+def read_latent_cache(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(latents, targets) from the cache file ``path`` when it exists and holds ``count`` images, else None:
+    a damaged or mismatched cache is rebuilt, never trusted. Reads no image and loads no VAE."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        cached = load_file(path)
+        if cached["latents"].shape[0] == count == cached["targets"].shape[0]:
+            log.info("latent cache hit: %s", path)
+            return cached["latents"], cached["targets"].long()
+        log.warning("latent cache %s does not match the dataset size; re-encoding", path)
+    except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        log.warning("latent cache %s is unreadable (%s); re-encoding", path, e)
+    return None
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -229,21 +252,13 @@ def encode_dataset(
     if isinstance(codec, PixelCodec):
         return load_tensors(dataset, batch_size=max(batch_size, 256))
 
-    path = None
-    if cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        path = cache_dir / f"latents-{cache_key(codec, dataset)}.safetensors"
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            try:
-                cached = load_file(path)
-                if cached["latents"].shape[0] == len(dataset) == cached["targets"].shape[0]:
-                    log.info("latent cache hit: %s", path)
-                    return cached["latents"], cached["targets"].long()
-                log.warning("latent cache %s does not match the dataset size; re-encoding", path)
-            except Exception as e:  # a damaged cache is rebuilt, never trusted
-                log.warning("latent cache %s is unreadable (%s); re-encoding", path, e)
+    path = cache_path(codec, dataset, cache_dir) if cache_dir is not None else None
+    if path is not None:
+        cached = read_latent_cache(path, len(dataset))
+        if cached is not None:
+            return cached
+    if hasattr(dataset, "verify"):
+        dataset.verify()  # a folder opened from headers only (for a cache hit) is decoded now
 
     generator = torch.Generator().manual_seed(seed)
     # Decoding thousands of JPEGs is the slow part of a one-time encode on a GPU: worker processes decode
@@ -258,7 +273,7 @@ def encode_dataset(
     latents, targets = torch.cat(zs), torch.cat(ys)  # (N, *latent_shape), (N,)
 
     if path is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"identity": dataset.identity, "codec": json.dumps(codec.config(), sort_keys=True)}
         _save_atomic({"latents": latents, "targets": targets}, path, meta)
         log.info("latent cache written: %s", path)

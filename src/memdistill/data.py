@@ -265,6 +265,16 @@ def _check_image(path: Path) -> tuple[str | None, tuple[int, int], str]:
     return None, size, mode
 
 
+def _read_header(path: Path) -> tuple[str | None, tuple[int, int], str]:
+    """Like _check_image from the header alone (no decoding): (None or why the file does not open, its
+    (width, height), its PIL mode)."""
+    try:
+        with Image.open(path) as im:
+            return None, im.size, im.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__, (0, 0), ""
+
+
 def _load_square(path: Path, resolution: int, channels: int = 3) -> np.ndarray:
     """(resolution, resolution, channels) uint8: the image read by pixels.image_to_array, shorter side
     resized to `resolution` (bicubic), then the centre square."""
@@ -305,6 +315,9 @@ class FolderImageDataset(ImageDataset):
     labels: how class names map to conditioning labels (see label_mapping).
     Any path form works (relative, "~", through symlinks, symlinked class folders); files are listed under
     the resolved root.
+    verify: decode every image now (a clear error, or a skip, for a damaged one); False reads only the headers,
+    which is enough for a latent-cache hit, and ``verify()`` decodes them later if the cache misses. False
+    cannot be combined with skip_bad_images (skipping changes the file list, hence the identity).
     """
 
     def __init__(
@@ -315,7 +328,10 @@ class FolderImageDataset(ImageDataset):
         skip_bad_images: bool = False,
         channels: int | None = None,
         labels: str = "auto",
+        verify: bool = True,
     ):
+        if skip_bad_images and not verify:
+            raise ValueError("skip_bad_images needs verify=True")
         given = Path(root).expanduser()
         if not given.exists():
             raise UserError(f"dataset folder not found: {given}")
@@ -352,16 +368,18 @@ class FolderImageDataset(ImageDataset):
         labels_: list[int] = []
         sizes: list[tuple[int, int]] = []
         grey = True
-        with tqdm(total=total, desc="checking images", unit="img", disable=None) as bar:
+        self.verified = verify
+        with tqdm(total=total, desc="checking images" if verify else "reading headers", unit="img",
+                  disable=None) as bar:
             for label, (name, files) in enumerate(zip(self.class_names, per_class)):
                 kept = 0
                 for path in files:
                     bar.update(1)
-                    reason, size, mode = _check_image(path)
+                    reason, size, mode = (_check_image if verify else _read_header)(path)
                     if reason is not None:
                         if not skip_bad_images:
                             raise UserError(
-                                f"unreadable image {path} ({reason}); fix or remove it, or skip bad images"
+                                f"unreadable image {path} ({reason}); fix or remove it, or pass --skip-bad-images to skip it"
                             )
                         log.warning("skipping unreadable image %s (%s)", path, reason)
                         continue
@@ -393,6 +411,16 @@ class FolderImageDataset(ImageDataset):
         # Grey is marked only when chosen, so folder caches written before channels existed (RGB) still match.
         self.identity = f"folder:{self.root}:{h.hexdigest()[:16]}:{self.resolution}" + (
             ":grey" if self.channels == 1 else "")
+
+    def verify(self) -> None:
+        """Decode every image of a dataset opened with verify=False; UserError naming the first damaged one."""
+        if self.verified:
+            return
+        for path in tqdm(self.paths, desc="checking images", unit="img", disable=None):
+            reason, _, _ = _check_image(path)
+            if reason is not None:
+                raise UserError(f"unreadable image {path} ({reason}); fix or remove it, or pass --skip-bad-images to skip it")
+        self.verified = True
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         pixels = _load_square(self.paths[i], self.resolution, self.channels)  # (H, W, C) uint8
@@ -477,11 +505,12 @@ def open_dataset(
     skip_bad_images: bool = False,
     channels: str | int | None = "auto",
     labels: str = "auto",
+    verify: bool = True,
 ) -> ImageDataset:
     """'mnist5k', 'digits' (embedded; split train/test) or a class-per-folder path (the folder is the split).
 
     resolution None: the images' own size (folders: see FolderImageDataset); channels "auto"/None, 1 or 3
-    (--channels); labels: see label_mapping (--labels).
+    (--channels); labels: see label_mapping (--labels); verify: see FolderImageDataset.
     """
     channels = parse_channels(channels)
     if spec in EMBEDDED:
@@ -495,7 +524,7 @@ def open_dataset(
         raise UserError(f"dataset path is not a folder: {root}")
     classes = resolve_classes(subset, root)
     return FolderImageDataset(root, classes, resolution, skip_bad_images=skip_bad_images, channels=channels,
-                              labels=labels)
+                              labels=labels, verify=verify)
 
 
 def load_tensors(dataset: ImageDataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

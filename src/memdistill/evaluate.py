@@ -265,16 +265,17 @@ def with_default_flip(config: EvalConfig, test: str) -> EvalConfig:
 
 
 def evaluate_image_set(train_folder: str | Path, test: str, config: EvalConfig, test_split: str = "test",
-                       subset: str | None = None, resolution: int | None = None) -> dict:
+                       subset: str | None = None, resolution: int | None = None,
+                       skip_bad_images: bool = False) -> dict:
     """Train classifiers on the image set in ``train_folder`` and test them on the real ``test`` images
-    (an embedded dataset's split or a class-per-folder tree). Returns evaluate_repeats' dict plus where the
-    data came from."""
+    (an embedded dataset's split or a class-per-folder tree; ``skip_bad_images`` skips its unreadable files
+    with a warning). Returns evaluate_repeats' dict plus where the data came from."""
     from .data import load_tensors, open_dataset
 
     config = with_default_flip(config, test)
     train_x, train_y, class_names, manifest = read_train_folder(train_folder, resolution)
     test_ds = open_dataset(test, test_split, subset=subset, resolution=resolution or train_x.shape[-1],
-                           channels=int(train_x.shape[1]))
+                           skip_bad_images=skip_bad_images, channels=int(train_x.shape[1]))
     test_names = list(test_ds.class_names)
     if set(test_names) != set(class_names):
         missing = sorted(set(class_names) ^ set(test_names))

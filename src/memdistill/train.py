@@ -166,9 +166,13 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     from .codec import encode_dataset, make_codec
     from .data import open_dataset
 
-    ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images, cfg.channels, cfg.labels)
-    codec = make_codec(cfg.codec, cfg.vae, device=device or resolve_device(cfg.device))
     cache = Path(cfg.latent_cache) if cfg.latent_cache else None
+    # With a latent cache, folder images are only listed (headers) up front: a cache hit then needs neither the
+    # pixels nor the VAE; on a miss, encode_dataset decodes (and checks) them. Ranks > 0 never read pixels.
+    lazy = (cache is not None or rank > 0) and cfg.codec != "pixel" and not cfg.skip_bad_images
+    ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images, cfg.channels, cfg.labels,
+                      verify=not lazy)
+    codec = make_codec(cfg.codec, cfg.vae, device=device or resolve_device(cfg.device))
     if world > 1 and codec.name != "pixel":
         latents, targets = _encode_on_rank0(codec, ds, cache, cfg.seed, rank, device)
     else:
