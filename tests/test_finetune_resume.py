@@ -25,7 +25,7 @@ def finetune_args(init, out, steps, *extra):
 
 
 def state(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def assert_same_tensors(a, b, where: str) -> None:
