@@ -116,3 +116,18 @@ def test_batch_norm_never_sees_a_batch_of_one(digits):
     config = EvalConfig(net="resnet18", norm="batch", epochs=1, batch_size=4, cutmix_beta=0)
     result = train_and_test(train_x[idx], train_y[idx], test_x[test_idx], test_y[test_idx], 10, config)
     assert result["history"][0][0] == 1
+
+
+def test_evaluation_defaults_to_the_device_every_stage_uses(capsys):
+    """auto (CUDA when available), in evaluate and inside run and bench: a GPU machine is used without asking."""
+    from memdistill.bench import BenchConfig
+    from memdistill.cli import main
+    from memdistill.devices import resolve_device
+    from memdistill.run import RunConfig
+
+    assert EvalConfig().device == RunConfig().eval.device == BenchConfig().eval.device == "auto"
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "(default: auto)" in " ".join(capsys.readouterr().out.split())
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(EvalConfig().device).type == expected

@@ -96,7 +96,9 @@ class Sampler:
                              device=self.device, progress=progress,
                              clip_x0=self.codec.name == "pixel")  # (N, *latent_shape); pixels live in [-1, 1]
         images = self.codec.decode(z).float().cpu()
-        if not bool(torch.isfinite(images).all()):  # NaN would be written as black pixels that look like a set
+        # Checked before decoding's clamp too: NaN is written as black, infinity clamped to white, and either
+        # would look like a set.
+        if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(images).all())):
             raise UserError(f"sampling produced non-finite values (NaN or infinity) with --cfg-scale {cfg.cfg_scale:g}, "
                             f"--sampler {cfg.sampler}, --steps {cfg.steps}; nothing was written. A smaller "
                             "--cfg-scale, or another model, avoids it")

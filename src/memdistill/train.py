@@ -407,8 +407,12 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                 done = step + 1
                 clean = False  # from here on the step changes the memories, the weights and the EMA
                 if memories is not None:
-                    loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories,
-                                                   cfg, rank, world)
+                    try:
+                        loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories,
+                                                       cfg, rank, world)
+                    except _NonFinitePrediction:
+                        first_bad = torch.minimum(first_bad, torch.full_like(first_bad, done))
+                        check_finite(done, weights=False)
                 first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < _NO_STEP), first_bad,
                                         torch.full_like(first_bad, done))
                 opt.zero_grad(set_to_none=True)
@@ -479,6 +483,10 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     return export
 
 
+class _NonFinitePrediction(Exception):
+    """The model's prediction for this step's batch holds NaN or infinity (caught by the training loop)."""
+
+
 def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfig, rank: int, world: int):
     """Memory terms on the global batch, then the memory update.
 
@@ -496,6 +504,10 @@ def _add_memory_loss(loss, pred_x0, labels, x0, t_all, memories, cfg: TrainConfi
         all_x0 = gather_batch(x0, world)
     else:
         all_pred, all_labels, all_x0 = pred_x0, labels, x0
+    # The memory mechanism reads its inputs on the host anyway (eviction bookkeeping, logged terms): checking
+    # them here adds no sync, and a NaN must not reach the memories (the eviction cannot rank NaN cosines).
+    if not bool(torch.isfinite(all_pred.detach()).all()):
+        raise _NonFinitePrediction
     if cfg.memory_max_t is not None:
         keep = (t_all < cfg.memory_max_t).nonzero().view(-1)
         all_pred, all_labels, all_x0 = (x.index_select(0, keep) for x in (all_pred, all_labels, all_x0))
