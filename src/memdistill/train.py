@@ -360,13 +360,14 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     first_bad = torch.full((), _NO_STEP, dtype=torch.long, device=device)
     saved = start  # the step the resume state on disk holds
 
-    def check_finite(done: int, weights: bool) -> None:
-        """UserError if a loss so far, or (``weights``) a weight of the model or its EMA, is not finite."""
+    def check_finite(done: int, weights: bool, collective: bool = True) -> None:
+        """UserError if a loss so far, or (``weights``) a weight of the model or its EMA, is not finite.
+        ``collective``: every rank calls it at this point (the verdict is shared, so all ranks stop together)."""
         flags = first_bad.clone()
         if weights:
             finite = torch.stack([torch.isfinite(p).all() for p in (*model.parameters(), *ema.parameters())]).all()
             flags = torch.stack([flags, torch.where(finite, _NO_STEP, done)])
-        if world > 1:
+        if world > 1 and collective:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         bad = flags.min().item()
         if bad == _NO_STEP:
@@ -456,7 +457,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     except KeyboardInterrupt:
         if clean and completed > saved and rank == 0:
             try:
-                check_finite(completed, weights=True)
+                check_finite(completed, weights=True, collective=False)  # only rank 0 gets here
             except UserError as err:
                 log.warning("interrupted; no resume state saved: %s", err)
                 raise KeyboardInterrupt from None
