@@ -22,6 +22,7 @@ from memdistill.models.io import load_dit
 from memdistill.nets import build_net
 from memdistill.pretrained import resolve_model
 from memdistill.reports import image_grid
+from memdistill.train import load_resume_state
 
 
 def load_model(spec: str):
@@ -29,7 +30,7 @@ def load_model(spec: str):
     spec = spec.removesuffix(":raw")
     path = Path(spec)
     if path.suffix == ".pt" and path.is_file():  # an in-progress run: take the EMA of its resume state
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_resume_state(path)  # tensors and plain values only (weights_only=True)
         cfg = state["config"]
         model = build_dit(cfg["model"], input_size=cfg["resolution"] or 28, in_channels=1, num_classes=10)
         model.load_state_dict(state["model" if raw else "ema"])

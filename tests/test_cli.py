@@ -86,7 +86,7 @@ def test_pretrain_and_resume(tmp_path):
     assert run_cli(*common, "--steps", "6", "--resume") == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 6
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 6
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
 
 
 @pytest.mark.parametrize("args, match", [

@@ -178,3 +178,18 @@ def test_evaluate_tree_with_other_classes_is_refused(tmp_path, capsys):
                  "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "not in both: 1, one" in err and "same class" in err
+
+
+def test_evaluation_defaults_to_the_device_every_stage_uses(capsys):
+    """auto (CUDA when available), in evaluate and inside run and bench: a GPU machine is used without asking."""
+    from memdistill.bench import BenchConfig
+    from memdistill.cli import main
+    from memdistill.devices import resolve_device
+    from memdistill.run import RunConfig
+
+    assert EvalConfig().device == RunConfig().eval.device == BenchConfig().eval.device == "auto"
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "(default: auto)" in " ".join(capsys.readouterr().out.split())
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(EvalConfig().device).type == expected

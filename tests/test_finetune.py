@@ -48,7 +48,7 @@ def rows(out: Path) -> list[dict]:
 
 
 def last_state(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -275,11 +275,11 @@ def fails_with(capsys, init, out, *args, match: str) -> str:
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--lambda-real", "-1"], "--lambda-real must be >= 0"),
-    (["--mem-gen", "0"], "--mem-gen must be >= 1"),
+    (["--lambda-real", "-1"], "--lambda-real must be a finite number >= 0"),
+    (["--mem-gen", "0"], "--mem-gen must be an integer >= 1"),
     (["--memory", "lru"], "--memory must be one of adaptive, fifo, none"),
     (["--train", "lora"], "--train must be one of difffit, all"),
-    (["--memory-max-t", "0"], "--memory-max-t must be in [1, 1000]"),
+    (["--memory-max-t", "0"], "--memory-max-t must be an integer >= 1 and <= 1000"),
 ])
 def test_bad_option_values(capsys, tiny_model, tmp_path, args, match):
     fails_with(capsys, tiny_model, tmp_path / "r", *args, match=match)

@@ -55,7 +55,7 @@ def test_two_gloo_processes_match_one_process(tiny_model, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert rows_one[-1]["memory"] > 0
 
-    sa, sb = (torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False) for out in (one, two))
+    sa, sb = (torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for out in (one, two))
     assert sa["step"] == sb["step"] == STEPS
     for part in ("model", "ema"):
         for name, value in sa[part].items():

@@ -25,7 +25,7 @@ def finetune_args(init, out, steps, *extra):
 
 
 def state(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def assert_same_tensors(a, b, where: str) -> None:
@@ -98,3 +98,130 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tiny_model, tmp_path):
 
     assert main(finetune_args(tiny_model, killed, steps, *args, "--resume")) == 0
     assert_same_run(ref, killed, steps)
+
+
+# ----- what a resume state may hold, and where it goes ------------------------------------------------------
+class RunsCode:
+    """Unpickling this creates ``marker``: what a hostile last.pt could do with weights_only=False."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_state_that_would_run_code(tiny_model, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    assert main(finetune_args(tiny_model, out, 2, "--memory", "fifo", "--checkpoint-every", 2)) == 0
+    saved = state(out)
+    torch.save({**saved, "extra": RunsCode(marker)}, out / "checkpoints" / "last.pt")
+    capsys.readouterr()
+    assert main(finetune_args(tiny_model, out, 4, "--memory", "fifo", "--checkpoint-every", 2, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert len(err.splitlines()) == 1 and "last.pt" in err and "Python object" in err, err
+    assert "weights_only=False" not in err and "weights_only" not in err
+
+
+def test_the_resume_state_holds_only_tensors_and_plain_values(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_model, out, 2, "--memory", "adaptive", "--checkpoint-every", 2)) == 0
+    s = torch.load(out / "checkpoints" / "last.pt", weights_only=True)  # refuses anything else
+    rng = s["rng"]["torch"]
+    assert rng.dtype == torch.uint8 and rng.device.type == "cpu"
+    assert isinstance(s["config"], dict) and s["config"]["memory"] == "adaptive"
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_resume_loads_on_the_cpu_and_restores_rng_there_whatever_the_device(tiny_model, tmp_path, monkeypatch):
+    """A GPU run's resume state: loading it onto the training device would put the CPU generator's state
+    there, which torch.set_rng_state refuses. The meta device stands in for a GPU."""
+    import memdistill.train as train
+
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_model, out, 2, "--memory", "adaptive", "--checkpoint-every", 2)) == 0
+    seen = {}
+
+    class Restored(Exception):
+        pass
+
+    def set_rng_state(new_state):
+        seen["rng"] = new_state
+        torch.random.set_rng_state(new_state)
+
+    def stop(*_):
+        seen["model"] = next(iter(seen_model.parameters())).device
+        raise Restored
+
+    seen_model = None
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):  # remember the model moved to the stand-in device
+        nonlocal seen_model
+        moved = real_to(self, *args, **kwargs)
+        if seen_model is None and hasattr(moved, "blocks"):
+            seen_model = moved
+        return moved
+
+    monkeypatch.setattr(train, "dist_setup", lambda name: (0, 1, torch.device("meta")))
+    monkeypatch.setattr(train.torch, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(train, "_trim_metrics", stop)  # everything is restored by then
+    with pytest.raises(Restored):
+        main(finetune_args(tiny_model, out, 4, "--memory", "adaptive", "--checkpoint-every", 2, "--resume"))
+    assert seen["rng"].device.type == "cpu" and seen["rng"].dtype == torch.uint8
+    assert seen["model"].type == "meta"
+
+
+def test_cuda_generators_are_restored_as_host_states(monkeypatch):
+    """CUDA generator states are saved as CPU uint8 tensors and restored with set_rng_state_all, for the
+    devices present (mocked: this machine may have no GPU)."""
+    import memdistill.train as train
+
+    got = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.setdefault("cuda", states))
+    cpu = torch.get_rng_state()
+    two_gpus = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    train.restore_rng({"torch": cpu, "cuda": two_gpus})
+    assert len(got["cuda"]) == 1 and torch.equal(got["cuda"][0], two_gpus[0])
+    assert torch.equal(torch.get_rng_state(), cpu)
+
+
+# ----- Ctrl-C ----------------------------------------------------------------------------------------------
+def interrupt_at(monkeypatch, at_step: int, how):
+    """Patch the loop's first call of a step so that, at step index ``at_step``, ``how()`` runs."""
+    import memdistill.train as train
+
+    real = train.step_draws
+
+    def step_draws(cfg, step, *args):
+        if step == at_step and not getattr(step_draws, "fired", False):
+            step_draws.fired = True
+            how()
+        return real(cfg, step, *args)
+
+    monkeypatch.setattr(train, "step_draws", step_draws)
+
+
+def raise_interrupt():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how, saved_at", [
+    (raise_interrupt, 8),  # between steps: the 8 completed steps are saved
+    (lambda: os.kill(os.getpid(), signal.SIGINT), 9),  # Ctrl-C: step 9 completes first, then is saved
+])
+def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tiny_model, tmp_path, monkeypatch, how, saved_at):
+    args = ["--memory", "adaptive", "--checkpoint-every", 5]
+    ref, cut = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(finetune_args(tiny_model, ref, 12, *args)) == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, 8, how)
+        assert main(finetune_args(tiny_model, cut, 12, *args)) == 130
+    assert state(cut)["step"] == saved_at  # not the checkpoint of step 5
+    assert not (cut / "export").exists()
+    assert main(finetune_args(tiny_model, cut, 12, *args, "--resume")) == 0
+    assert_same_run(ref, cut, 12)

@@ -193,10 +193,32 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def json_writes_fill_the_disk(monkeypatch):
+    """Files that manifest.write_json_atomic opens take no byte: every write raises ENOSPC."""
+    from memdistill import manifest
+
+    real_fdopen = manifest.os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            no_space()
+
+    monkeypatch.setattr(manifest.os, "fdopen", FullDisk)
+
+
 def test_full_disk_while_writing_json_leaves_no_tmp(tmp_path, monkeypatch):
     from memdistill import manifest
 
-    monkeypatch.setattr(manifest.json, "dump", no_space)
+    json_writes_fill_the_disk(monkeypatch)
     with pytest.raises(UserError, match=r"disk is full.*results\.json"):
         manifest.write_json_atomic(tmp_path / "results.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []
@@ -234,7 +256,7 @@ def test_full_disk_during_finetune_sample_evaluate(tiny_model, small_set, tmp_pa
     assert list(tmp_path.glob("*set*")) == [] and list(tmp_path.glob(".*")) == []
 
     with monkeypatch.context() as m:
-        m.setattr(json, "dump", no_space)
+        json_writes_fill_the_disk(m)
         code = run_cli(*stage_args("evaluate", tiny_model, small_set), "--out", tmp_path / "ev")
         one_line_error(capsys, code, "results.json")
     assert list((tmp_path / "ev").iterdir()) == []

@@ -141,10 +141,10 @@ def test_existing_out_needs_overwrite(export, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("ipc", 0, "ipc must be at least 1"),
-    ("cfg_scale", -1.0, "cfg_scale must be >= 0"),
+    ("ipc", 0, "--ipc must be an integer >= 1"),
+    ("cfg_scale", -1.0, "--cfg-scale must be a finite number >= 0"),
     ("sampler", "euler", "unknown sampler"),
-    ("batch_size", 0, "batch_size must be at least 1"),
+    ("batch_size", 0, "--batch-size must be an integer >= 1"),
     ("classes", [0, 3], "distinct label indices in 0..2"),
     ("classes", "0,x", "classes must be label indices"),
 ])

@@ -36,6 +36,8 @@ from typing import Callable, Sequence
 import torch
 
 from .baselines import select_real
+from .checks import flag, require_finite
+from .devices import resolve_device
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
@@ -109,6 +111,9 @@ class BenchConfig:
         for name in SWEEP_PARAMETERS:
             values = _split(getattr(self, f"sweep_{name}"), f"sweep-{name.replace('_', '-')}",
                             int if name == "memory" else float)
+            if name != "memory":
+                for v in values:
+                    require_finite(flag(f"sweep_{name}"), v, low=0)
             if any(v < (1 if name == "memory" else 0) for v in values):
                 raise UserError(f"--sweep-{name.replace('_', '-')} values must be "
                                 f"{'>= 1' if name == 'memory' else '>= 0'}, got {values}")
@@ -131,8 +136,8 @@ class BenchConfig:
                 raise UserError(f"--sweep-ipc must be at least 1, got {self.sweep_ipc}")
             self.sweep_points()
         self.finetune.validate()
-        self.sample.validate()
-        self.eval.validate()
+        self.sample.validate(prefix="sample-")
+        self.eval.validate(prefix="eval-")
 
 
 def _split(text: str, name: str, kind: type) -> list:
@@ -365,7 +370,7 @@ class _Bench:
         extractor, real_f, real_y = self.feature_space()
         t0 = time.perf_counter()
         images, labels, _, _ = read_image_set(set_folder)
-        feats = penultimate_features(extractor, self._fit(images), device=self.cfg.eval.device)
+        feats = penultimate_features(extractor, self._fit(images), device=resolve_device(self.cfg.eval.device))
         result = {"diversity": _nan_to_none(within_class_diversity(feats, labels)),
                   "coverage": coverage(real_f, real_y, feats, labels, self.cfg.coverage_k),
                   "k": self.cfg.coverage_k, "feature_net": self.cfg.feature_net, "set": str(set_folder)}
@@ -410,7 +415,7 @@ class _Bench:
             cached = False  # no cache, or one of another shape: train the extractor again
         if cached:
             model.load_state_dict(saved["state_dict"])
-            model = model.to(cfg.eval.device).eval()
+            model = model.to(resolve_device(cfg.eval.device)).eval()
             log.info("feature extractor: cached in %s", path)
         else:
             train_x, train_y = load_tensors(self.train_ds)
@@ -418,8 +423,8 @@ class _Bench:
             log.info("feature extractor: training %s for %d epochs on %d real images", cfg.feature_net,
                      cfg.feature_epochs, len(train_y))
             model = self.timed("feature extractor", train_feature_extractor, train_x, train_y, k, cfg.feature_net,
-                               cfg.feature_epochs, device=cfg.eval.device, generator=g)
-            acc = classifier_accuracy(model, test_x, test_y, device=cfg.eval.device)
+                               cfg.feature_epochs, device=resolve_device(cfg.eval.device), generator=g)
+            acc = classifier_accuracy(model, test_x, test_y, device=resolve_device(cfg.eval.device))
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             torch.save({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
@@ -427,7 +432,7 @@ class _Bench:
             os.replace(tmp, path)
             write_json_atomic(folder / "extractor.json", {**spec, "test_top1": acc})
             log.info("feature extractor: %.2f %% top-1 on the real test set", acc)
-        real_f = penultimate_features(model, test_x, device=cfg.eval.device)
+        real_f = penultimate_features(model, test_x, device=resolve_device(cfg.eval.device))
         self._features = (model, real_f, test_y)
         return self._features
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from memdistill.augment import TrainAugment, cutmix, resize_center_crop, test_transform
+from memdistill.checks import FLOAT32_MAX, flag, require_finite, require_int
 from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
@@ -76,19 +77,18 @@ class EvalConfig:
     eval_every: int | None = None  # None -> about 10 checks over training, plus the last epoch
     repeats: int = 3
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # as every stage: CUDA when available
 
-    def validate(self) -> None:
-        positive = {"lr": self.lr, "batch_size": self.batch_size, "repeats": self.repeats}
-        for name, value in positive.items():
-            if value <= 0:
-                raise UserError(f"{name} must be > 0, got {value}")
+    def validate(self, prefix: str = "") -> None:
+        """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
+        require_finite(flag("lr", prefix), self.lr, 0, FLOAT32_MAX, low_open=True)
+        require_finite(flag("momentum", prefix), self.momentum, 0, 1, high_open=True)  # 1 never forgets: diverges
+        require_finite(flag("weight_decay", prefix), self.weight_decay, 0, FLOAT32_MAX)
+        require_finite(flag("cutmix_beta", prefix), self.cutmix_beta, low=0)  # 0 disables CutMix
+        for name in ("batch_size", "repeats"):
+            require_int(flag(name, prefix), getattr(self, name), low=1)
         for name in ("epochs", "eval_every", "image_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be >= 1 (or unset), got {value}")
-        if self.cutmix_beta < 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise UserError("cutmix_beta, momentum and weight_decay must be >= 0")
+            require_int(flag(name, prefix), getattr(self, name), low=1, optional=True)
         resolve_device(self.device)
 
 
@@ -184,6 +184,10 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
             loss.backward()
             optimizer.step()
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # NaN nets score chance
+                raise UserError(f"training the {config.net} classifier diverged: its weights became non-finite "
+                                f"(NaN or infinity) by epoch {epoch + 1} (seed {seed}); no result was written. "
+                                f"Use a smaller learning rate (now {config.lr:g}; --lr, in run and bench --eval-lr)")
             acc = _accuracy(model, test_ready, test_y, device)
             history.append((epoch + 1, acc))
             log.debug("epoch %d: loss %.4f, top-1 %.2f%%", epoch + 1, loss.item(), acc)
@@ -273,6 +277,7 @@ def evaluate_image_set(train_folder: str | Path, test: str, config: EvalConfig, 
     from .data import load_tensors, open_dataset
 
     config = with_default_flip(config, test)
+    config.validate()  # options first: a bad one is refused before any image is read
     train_x, train_y, class_names, manifest = read_train_folder(train_folder, resolution)
     test_ds = open_dataset(test, test_split, subset=subset, resolution=resolution or train_x.shape[-1],
                            skip_bad_images=skip_bad_images, channels=int(train_x.shape[1]))

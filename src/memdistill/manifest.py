@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -50,15 +51,38 @@ def disk_full_is_user_error(path: str | Path, cleanup: str | Path | None = None)
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so that a reader never sees a half-written file (tmp file + rename).
 
-    Raises UserError when the disk is full (naming ``path``); no tmp file is left behind on any error."""
+    Raises UserError when the disk is full (naming ``path``; no tmp file is left behind on any error), and,
+    writing nothing, when ``data`` holds NaN or infinity: JSON has no such values, and a
+    result computed from them is garbage that must not look like a result."""
     path = Path(path)
+    try:  # checked before any file is touched
+        text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False)
+    except ValueError:
+        raise UserError(f"refusing to write {path}: it would hold a non-finite number (NaN or infinity) "
+                        f"at {_first_non_finite(data)}; the computation that produced it diverged") from None
     with disk_full_is_user_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with disk_full_is_user_error(path, cleanup=tmp), os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with disk_full_is_user_error(path, cleanup=tmp), os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _first_non_finite(data: Any, where: str = "top level") -> str:
+    """Where in nested dicts/lists the first NaN/infinity lies, e.g. "results[0].best_mean"."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key}]" if isinstance(key, int) else
+                                  (key if where == "top level" else f"{where}.{key}"))
+        if found:
+            return found
+    return ""
 
 
 def read_json_object(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None,

@@ -81,6 +81,10 @@ def _square_take(m: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return m.take(idx, axis=0).take(idx, axis=1)
 
 
+class NonFiniteEntry(ValueError):
+    """A latent inserted into an adaptive memory is not finite: the eviction cannot rank NaN cosines."""
+
+
 class MemoryBank:
     """One class's memory: up to `capacity` latents of one shape, oldest first.
 
@@ -395,6 +399,8 @@ class ClassMemories:
             start += n
         if pending:  # every bank's new Gram rows in one device-to-host transfer, then the CPU bookkeeping
             host = torch.cat([rows.reshape(-1) for _, rows in pending]).cpu()
+            if not np.isfinite(host.numpy()).all():  # on the host already: the check costs no sync
+                raise NonFiniteEntry("a new memory entry holds NaN or infinity (its cosines are not finite)")
             at = 0
             for bank, rows in pending:
                 bank._finish(host[at:at + rows.numel()].view(rows.shape).clone())

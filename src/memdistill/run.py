@@ -50,6 +50,15 @@ class RunConfig:
             raise UserError(f"unknown baseline {bad[0]!r}; allowed: {', '.join(BASELINES)} (comma-separated)")
         return names
 
+    def validate(self) -> None:
+        """Every setting of every stage, before any work (options as ``run`` spells them)."""
+        if isinstance(self.ipc, bool) or not isinstance(self.ipc, int) or self.ipc < 1:
+            raise UserError(f"--ipc must be at least 1, got {self.ipc}")
+        self.baseline_list()
+        self.finetune.validate()
+        self.sample.validate(prefix="sample-")
+        self.eval.validate(prefix="eval-")
+
 
 def _complete(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
@@ -87,12 +96,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, resume: bool = False, overwrit
 
     out = check_output_folder(out)
     ft = cfg.finetune
-    if cfg.ipc < 1:
-        raise UserError(f"--ipc must be at least 1, got {cfg.ipc}")
+    cfg.validate()
     baselines = cfg.baseline_list()
-    ft.validate()
-    cfg.sample.validate()
-    cfg.eval.validate()
     test = resolve_test_set(ft.data, cfg.test)
     refuse_existing(out, "a run", overwrite=overwrite, resume=resume)
     if resume:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checks import flag, require_finite, require_int
 from .codec import Codec, make_codec
 from .devices import dist_setup, resolve_device
 from .diffusion import SAMPLERS, GaussianDiffusion, image_generator
@@ -50,23 +51,18 @@ class SampleConfig:
     vae_batch_size: int = 32  # latents decoded per VAE call (a 256 px SD-VAE decode needs ~1 GB per 8 images)
     labels: str = "auto"  # class names of `subset` -> model class indices: auto, imagenet or index
 
-    def validate(self) -> None:
-        if self.ipc < 1:
-            raise UserError(f"ipc must be at least 1, got {self.ipc}")
-        if self.cfg_scale < 0:
-            raise UserError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
-        if self.steps < 1:
-            raise UserError(f"steps must be at least 1, got {self.steps}")
+    def validate(self, prefix: str = "") -> None:
+        """Refuse bad settings with a UserError naming the option (``prefix``: "sample-" inside ``run``)."""
+        require_int(flag("ipc", prefix), self.ipc, low=1)
+        require_finite(flag("cfg_scale", prefix), self.cfg_scale, low=0)  # 1 = no guidance
+        require_int(flag("steps", prefix), self.steps, low=1)
         if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-        if self.eta < 0:
-            raise UserError(f"eta must be >= 0, got {self.eta}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.vae_batch_size < 1:
-            raise UserError(f"--vae-batch-size must be at least 1, got {self.vae_batch_size}")
-        if self.guided_channels is not None and self.guided_channels < 1:
-            raise UserError(f"guided_channels must be at least 1 (or None for all), got {self.guided_channels}")
+            raise UserError(f"{flag('sampler', prefix)}: unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        # eta > 1 makes DDIM's sqrt(1 - abar_prev - sigma^2) imaginary (NaN images)
+        require_finite(flag("eta", prefix), self.eta, 0, 1)
+        require_int(flag("batch_size", prefix), self.batch_size, low=1)
+        require_int(flag("guided_channels", prefix), self.guided_channels, low=1, optional=True)
+        require_int(flag("vae_batch_size", prefix), self.vae_batch_size, low=1)
         resolve_device(self.device)
 
 
@@ -105,7 +101,14 @@ class Sampler:
         z = diffusion.sample(fn, self.latent_shape, y, gens, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
                              device=self.device, progress=progress,
                              clip_x0=self.codec.name == "pixel")  # (N, *latent_shape); pixels live in [-1, 1]
-        return self.codec.decode(z).float().cpu()
+        images = self.codec.decode(z).float().cpu()
+        # Checked before decoding's clamp too: NaN is written as black, infinity clamped to white, and either
+        # would look like a set.
+        if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(images).all())):
+            raise UserError(f"sampling produced non-finite values (NaN or infinity) with --cfg-scale {cfg.cfg_scale:g}, "
+                            f"--sampler {cfg.sampler}, --steps {cfg.steps}; nothing was written. A smaller "
+                            "--cfg-scale, or another model, avoids it")
+        return images
 
 
 def _run_info(export: Path) -> dict:

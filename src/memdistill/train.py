@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checks import FLOAT32_MAX, flag, require_finite, require_int
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
 from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
+from .memory import NonFiniteEntry
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +82,27 @@ class TrainConfig:
     progress: bool = True
     stage: str = field(default="train")
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
+        """Refuse bad settings with a UserError naming the option (``prefix`` as in ``run``'s options, e.g. "")."""
+        def opt(name: str) -> str:
+            return flag(name, prefix)
+
         if self.memory not in MEMORY_CHOICES:
-            raise UserError(f"--memory must be one of {', '.join(MEMORY_CHOICES)}, got {self.memory!r}")
+            raise UserError(f"{opt('memory')} must be one of {', '.join(MEMORY_CHOICES)}, got {self.memory!r}")
         if self.train not in TRAIN_CHOICES:
-            raise UserError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
-        for name in ("lambda_real", "lambda_gen", "lr", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            raise UserError(f"{opt('train')} must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
+        for name in ("lambda_real", "lambda_gen"):
+            require_finite(opt(name), getattr(self, name), low=0)
+        for name in ("lr", "weight_decay"):
+            require_finite(opt(name), getattr(self, name), 0, FLOAT32_MAX)
+        require_finite(opt("ema_decay"), self.ema_decay, 0, 1, high_open=True)
+        require_finite(opt("class_dropout"), self.class_dropout, 0, 1, high_open=True)
+        require_finite(opt("epochs"), self.epochs, low=0, low_open=True, optional=True)
+        require_finite(opt("grad_clip"), self.grad_clip, low=0, low_open=True, optional=True)
         for name in ("mem_real", "mem_gen", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise UserError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise UserError(f"--epochs must be > 0, got {self.epochs}")
-        if self.memory_max_t is not None and not 1 <= self.memory_max_t <= NUM_TIMESTEPS:
-            raise UserError(f"--memory-max-t must be in [1, {NUM_TIMESTEPS}], got {self.memory_max_t}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise UserError(f"--grad-clip must be > 0, got {self.grad_clip}")
+            require_int(opt(name), getattr(self, name), low=1)
+        require_int(opt("steps"), self.steps, low=1, optional=True)
+        require_int(opt("memory_max_t"), self.memory_max_t, 1, NUM_TIMESTEPS, optional=True)
 
 
 # ----- distributed helpers ---------------------------------------------------------------------------
@@ -227,12 +229,88 @@ def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, r
 
 
 def save_atomic(obj, path: Path) -> None:
+    """torch.save through a tmp file and a rename: ``path`` is the old or the new state, never half of one."""
     from .manifest import disk_full_is_user_error
 
     tmp = path.with_name(path.name + ".tmp")
-    with disk_full_is_user_error(path, cleanup=tmp):  # a full disk: one line, and no .tmp left behind
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with disk_full_is_user_error(path, cleanup=tmp):  # a full disk: one line, and no .tmp left behind
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+RESUME_KEYS = ("model", "ema", "opt", "memories", "rng", "step", "config")
+
+
+def load_resume_state(path: Path) -> dict:
+    """The resume state at ``path`` with every tensor on the CPU (the caller moves what it needs).
+
+    Read with ``weights_only=True``: a resume state holds only tensors and plain values, so a file that holds
+    anything else (a pickled object whose loading would run code) is refused without running it.
+    Raises UserError for such a file or a damaged one."""
+    from .models.io import load_weights_only
+
+    state = load_weights_only(path, "a resume state", map_location="cpu")
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{path} is not a memdistill resume state (no {', '.join(missing)}); "
+                        "start again with --overwrite or another --out")
+    return state
+
+
+def rng_state() -> dict:
+    """The global generators' states as CPU uint8 tensors: torch's CPU generator, and every CUDA device's
+    when CUDA is in use (their states are host tensors too, so a resume state loads on the CPU)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    """Put back what ``rng_state`` saved, each generator on its own device (the CPU state must stay a CPU
+    tensor: torch.set_rng_state refuses any other). CUDA states are restored for the devices present."""
+    torch.set_rng_state(rng["torch"].cpu())
+    cuda = rng.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[:torch.cuda.device_count()]])
+
+
+def _memories_to(state: dict, device: torch.device) -> dict:
+    # Memory entries live where the latents do (MemoryBank.load_state_dict puts their unit rows beside
+    # them); the CPU bookkeeping (Gram matrix, row sums, slots) stays on the CPU.
+    for kind in ("real", "gen"):
+        for bank in state[kind].values():
+            if bank.get("entries") is not None:
+                bank["entries"] = bank["entries"].to(device)
+    return state
+
+
+class _DeferInterrupt:
+    """While active (single process, main thread): the first Ctrl-C only sets ``requested``, so the step in
+    progress completes and the loop can save it; a second Ctrl-C interrupts at once, as usual."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 @torch.no_grad()
@@ -243,10 +321,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_([pe for pe, _ in pairs], [pm.detach() for _, pm in pairs], 1.0 - decay)
 
 
+_NO_STEP = 2**62  # "no non-finite loss yet" in the on-device record of the first one
+
+
 def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data: TrainData,
                  resume: bool = False, overwrite: bool = False, export_extra: dict | None = None) -> Path:
     """Train ``model`` on ``data`` per ``cfg``; returns the export folder. ``model`` must already hold its
-    starting weights and trainable flags."""
+    starting weights and trainable flags.
+
+    Raises UserError when the loss or the weights become non-finite (naming the step; nothing is exported and
+    the resume state on disk stays the last finite one). On Ctrl-C (KeyboardInterrupt) the last completed
+    step is saved as the resume state before the interrupt goes on (a first Ctrl-C lets the running step
+    finish), so ``--resume`` continues from there."""
     from .models.io import save_export
 
     cfg.validate()
@@ -279,13 +365,15 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
 
     start = 0
     if state_path is not None:
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        # Loaded on the CPU, then each part goes where it lives: load_state_dict copies the weights onto the
+        # model's device, AdamW moves its moments beside their parameters, the RNG states stay on the host.
+        state = load_resume_state(state_path)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         if memories is not None:
-            memories.load_state_dict(state["memories"])
-        torch.set_rng_state(state["rng"]["torch"])
+            memories.load_state_dict(_memories_to(state["memories"], device))
+        restore_rng(state["rng"])
         start = state["step"]
         log.info("resumed from step %d", start)
 
@@ -303,60 +391,122 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             return
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "memories": memories.state_dict() if memories is not None else None,
-                 "rng": {"torch": torch.get_rng_state()}, "step": step, "config": dataclasses.asdict(cfg)}
+                 "rng": rng_state(), "step": step, "config": dataclasses.asdict(cfg)}
         save_atomic(state, out / "checkpoints" / "last.pt")
+
+    # The first step whose loss was not finite, recorded on the device every step and read only when the
+    # loop syncs anyway (logging, checkpoints): no extra host sync per step.
+    first_bad = torch.full((), _NO_STEP, dtype=torch.long, device=device)
+    saved = start  # the step the resume state on disk holds
+
+    def check_finite(done: int, weights: bool, collective: bool = True) -> None:
+        """UserError if a loss so far, or (``weights``) a weight of the model or its EMA, is not finite.
+        ``collective``: every rank calls it at this point (the verdict is shared, so all ranks stop together)."""
+        flags = first_bad.clone()
+        if weights:
+            finite = torch.stack([torch.isfinite(p).all() for p in (*model.parameters(), *ema.parameters())]).all()
+            flags = torch.stack([flags, torch.where(finite, _NO_STEP, done)])
+        if world > 1 and collective:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        bad = flags.min().item()
+        if bad == _NO_STEP:
+            return
+        what = "the loss" if bad == flags.view(-1)[0].item() else "the weights"
+        kept = (f"{out / 'checkpoints' / 'last.pt'} still holds step {saved}, the last finite state"
+                if saved > 0 else "no resume state was saved")
+        raise UserError(f"training diverged: {what} became non-finite (NaN or infinity) at step {bad}; nothing "
+                        f"was exported and {kept}. Start again with a smaller --lr (now {cfg.lr:g}) or a "
+                        "--grad-clip (with --overwrite or another --out)")
 
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=steps, initial=start, desc=cfg.stage, disable=(rank != 0 or not cfg.progress), dynamic_ncols=True)
     model.train()
+    completed, clean = start, True  # the model, EMA, optimiser and memories hold exactly `completed` steps
+    # Under torchrun every rank gets Ctrl-C and they could stop at different steps: there the interrupt
+    # is not deferred, and a step is saved only when the interrupt lands between steps.
+    stop = _DeferInterrupt(active=world == 1)
     try:
-        for step in range(start, steps):
-            t0 = time.perf_counter()
-            idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, tuple(latents.shape[1:]), diffusion)
-            x0_all = latents[idx]
-            t_all, noise_all, drop_all = t_all.to(device), noise_all.to(device), drop_all.to(device)
-            mine = slice(rank * local, (rank + 1) * local)
-            labels = targets[idx][mine]
-            y = cond[labels]
+        with stop:
+            for step in range(start, steps):
+                if stop.requested:
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, tuple(latents.shape[1:]), diffusion)
+                x0_all = latents[idx]
+                t_all, noise_all, drop_all = t_all.to(device), noise_all.to(device), drop_all.to(device)
+                mine = slice(rank * local, (rank + 1) * local)
+                labels = targets[idx][mine]
+                y = cond[labels]
 
-            def model_fn(x, t, yy, _drop=drop_all[mine]):
-                return net(x, t, yy, force_drop_ids=_drop)
+                def model_fn(x, t, yy, _drop=drop_all[mine]):
+                    return net(x, t, yy, force_drop_ids=_drop)
 
-            terms = diffusion.training_losses(model_fn, x0_all[mine], t_all[mine], y, noise_all[mine])
-            loss = terms["loss"].mean()
-            parts = {}
-            if memories is not None:
-                loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories, cfg,
-                                               rank, world, cond)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            ema_update(ema, model, cfg.ema_decay)
-            done = step + 1
-            dt = time.perf_counter() - t0
-            if (log_now := done % cfg.log_every == 0 or done == steps):
-                # Under DDP each rank holds the diffusion terms of its own slice (and `loss` carries the
-                # world-scaled memory term): log the global batch's values, as one process would.
-                logged = torch.stack([terms[k].detach().mean() for k in ("loss", "mse", "vb")])
-                if world > 1:
-                    dist.all_reduce(logged)
-                    logged /= world
-                diff, mse, vb = logged.tolist()
-            if metrics_file is not None and log_now:
-                # The memory terms stay on the device between log steps: read them only here.
-                parts = {k: v.item() if torch.is_tensor(v) else v for k, v in parts.items()}
-                row = {"step": done, "loss": diff + parts.get("memory", 0.0), "diffusion": diff, "mse": mse, "vb": vb,
-                       **parts, "step_time": dt}
+                terms = diffusion.training_losses(model_fn, x0_all[mine], t_all[mine], y, noise_all[mine])
+                loss = terms["loss"].mean()
+                parts = {}
+                done = step + 1
+                clean = False  # from here on the step changes the memories, the weights and the EMA
                 if memories is not None:
-                    row["memory_sizes"] = memories.sizes()
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{row['diffusion']:.4f}", refresh=False)
-            if done % cfg.checkpoint_every == 0 or done == steps:
-                save_state(done)
-            bar.update(1)
+                    try:
+                        loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories,
+                                                       cfg, rank, world, cond)
+                    except NonFiniteEntry:  # a NaN prediction reached the adaptive memories' host check
+                        first_bad = torch.minimum(first_bad, torch.full_like(first_bad, done))
+                        check_finite(done, weights=False)
+                first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < _NO_STEP), first_bad,
+                                        torch.full_like(first_bad, done))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                try:
+                    opt.step()
+                except RuntimeError as exc:  # lr x weight decay, or an update, beyond float32
+                    if "overflow" not in str(exc):
+                        raise
+                    raise UserError(f"training diverged: the optimiser update overflows float32 at step {done} "
+                                    f"(--lr {cfg.lr:g}, --weight-decay {cfg.weight_decay:g}); nothing was exported. "
+                                    "Start again with a smaller --lr (with --overwrite or another --out)") from None
+                ema_update(ema, model, cfg.ema_decay)
+                completed, clean = done, True
+                dt = time.perf_counter() - t0
+                save_now = done % cfg.checkpoint_every == 0 or done == steps
+                if (log_now := done % cfg.log_every == 0 or done == steps) or save_now:
+                    check_finite(done, weights=save_now)  # nothing non-finite is logged, saved or exported
+                if log_now:
+                    # Under DDP each rank holds the diffusion terms of its own slice (and `loss` carries the
+                    # world-scaled memory term): log the global batch's values, as one process would.
+                    logged = torch.stack([terms[k].detach().mean() for k in ("loss", "mse", "vb")])
+                    if world > 1:
+                        dist.all_reduce(logged)
+                        logged /= world
+                    diff, mse, vb = logged.tolist()
+                if metrics_file is not None and log_now:
+                    # The memory terms stay on the device between log steps: read them only here.
+                    parts = {k: v.item() if torch.is_tensor(v) else v for k, v in parts.items()}
+                    row = {"step": done, "loss": diff + parts.get("memory", 0.0), "diffusion": diff, "mse": mse,
+                           "vb": vb, **parts, "step_time": dt}
+                    if memories is not None:
+                        row["memory_sizes"] = memories.sizes()
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{row['diffusion']:.4f}", refresh=False)
+                if save_now:
+                    save_state(done)
+                    saved = done
+                bar.update(1)
+    except KeyboardInterrupt:
+        if clean and completed > saved and rank == 0:
+            try:
+                check_finite(completed, weights=True, collective=False)  # only rank 0 gets here
+            except UserError as err:
+                log.warning("interrupted; no resume state saved: %s", err)
+                raise KeyboardInterrupt from None
+            save_state(completed)
+            saved = completed
+        if rank == 0:
+            log.warning("interrupted: %s holds step %d; continue with --resume", out / "checkpoints" / "last.pt", saved)
+        raise
     finally:
         bar.close()
         if metrics_file is not None:

@@ -18,6 +18,7 @@ we take block 0's, which is also the one diffusers' final layer uses, and warn i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -185,13 +186,47 @@ def _strip_prefixes(sd: dict) -> dict:
     return sd
 
 
+def _allowing(globals_: list):
+    """A context in which ``torch.load(weights_only=True)`` also accepts ``globals_``.
+
+    ``torch.serialization.safe_globals`` exists from torch 2.5 on; older torch gets a context that allows
+    nothing more, so a file needing these globals fails to load and ``load_weights_only`` says what to do."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    return scoped(globals_) if scoped is not None else contextlib.nullcontext()
+
+
+def load_weights_only(path: Path, what: str, map_location="cpu", allow: tuple = ()) -> object:
+    """``torch.load(path, weights_only=True)``: tensors, plain containers and values (plus the types in
+    ``allow``), never code. ``what`` names the expected content in errors ("a torch checkpoint").
+
+    Raises UserError for a file that holds other objects (naming the first one torch found), or that is not
+    a readable torch file. The message never suggests weights_only=False: loading such a file runs code."""
+    try:
+        with _allowing(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found and found.group(1) == "argparse.Namespace" and not hasattr(torch.serialization, "safe_globals"):
+            raise UserError(
+                f"{path} is a training checkpoint with its arguments (an argparse.Namespace), which torch "
+                f"{torch.__version__} cannot read safely; install torch>=2.5, or save the checkpoint's 'ema' entry "
+                "alone as a bare state dict (torch.save(ckpt['ema'], 'dit.pt'))") from None
+        if found:
+            raise UserError(f"{path} is not {what}: besides tensors it holds a Python object ({found.group(1)}) "
+                            "whose loading could run code, so it was not loaded. Use a file from a source you "
+                            "trust that holds tensors only") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        if "weights_only" in first:  # torch's advice to load it unsafely: not ours to give
+            first = type(exc).__name__
+        raise UserError(f"{path} is not {what} (damaged, truncated or another format: {first})") from None
+
+
 def _torch_load(path: Path) -> dict:
     # Training checkpoints of the official train.py carry an argparse.Namespace: allow just that.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"cannot read {path} as a torch checkpoint with weights_only=True: {exc}") from exc
+    obj = load_weights_only(path, "a torch checkpoint of DiT weights", allow=(argparse.Namespace,))
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     for key in ("ema", "model"):  # prefer EMA weights in a training checkpoint
@@ -201,18 +236,30 @@ def _torch_load(path: Path) -> dict:
     return obj
 
 
-def _load_diffusers_weights(folder: Path) -> dict:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file (on the CPU); UserError for a damaged or truncated file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except SafetensorError as exc:
+        raise UserError(f"{path} is damaged or truncated, not a readable .safetensors file ({exc}); "
+                        "export, copy or download it again") from None
+
+
+def _load_diffusers_weights(folder: Path) -> dict:
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
         sd = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(load_file(folder / shard))
+            sd.update(load_safetensors(folder / shard))
         return sd
     for name in DIFFUSERS_WEIGHTS:
         if (folder / name).exists():
-            return load_file(folder / name) if name.endswith(".safetensors") else _torch_load(folder / name)
+            return load_safetensors(folder / name) if name.endswith(".safetensors") else _torch_load(folder / name)
     raise UserError(f"{folder}: diffusers config found but none of {', '.join(DIFFUSERS_WEIGHTS)}")
 
 
@@ -237,15 +284,13 @@ def load_state_dict_any(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Weights in the official key layout from an official .pt/.pth (bare or a training checkpoint:
     "ema" preferred over "model"), a .safetensors file, one of our export folders, or a
     diffusers-format DiT folder (converted; pos_embed is not included, being recomputed)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"weights not found: {path}")
     if path.is_dir():
         path = _resolve_folder(path)
         if (path / EXPORT_WEIGHTS).exists():
-            sd = load_file(path / EXPORT_WEIGHTS)
+            sd = load_safetensors(path / EXPORT_WEIGHTS)
         elif (path / EXPORT_CONFIG).exists() and _read_json(path / EXPORT_CONFIG).get("_class_name") in DIFFUSERS_CLASSES:
             sd = _load_diffusers_weights(path)
         else:
@@ -254,7 +299,7 @@ def load_state_dict_any(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"({EXPORT_CONFIG} with _class_name in {DIFFUSERS_CLASSES})"
             )
     elif path.suffix == ".safetensors":
-        sd = load_file(path)
+        sd = load_safetensors(path)
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         sd = _torch_load(path)
     else:
@@ -311,8 +356,14 @@ def _empty_model(kwargs: dict, difffit: bool) -> DiT:
 
 def load_into(model: DiT, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> DiT:
     """Strict load with one-line errors. pos_embed (fixed) and DiffFit scales may be absent:
-    they are recomputed / set to identity."""
+    they are recomputed / set to identity. Every path that builds a DiT from weights ends here, so this is
+    where weights holding NaN or infinity are refused (UserError naming the first such tensor): a model
+    that diverged in training must not produce a set that looks like a result."""
     expected = model.state_dict()
+    for key, value in sd.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{source}: the weights hold non-finite values (NaN or infinity) in {key!r}, e.g. from "
+                            "a training run that diverged; this model cannot be used")
     for key in expected:
         if key not in sd and key != "pos_embed" and not _DIFFFIT_RE.match(key):
             raise UserError(f"{source}: missing key {key!r} for this DiT architecture")
@@ -425,8 +476,6 @@ def save_export(folder: str | os.PathLike, model: DiT, config: dict) -> Path:
 
 def load_export(folder: str | os.PathLike) -> tuple[DiT, dict]:
     """(model in eval mode, the full config.json dict) from a save_export folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / EXPORT_WEIGHTS).is_file() or not (folder / EXPORT_CONFIG).is_file():
         raise UserError(f"{folder}: not an export folder (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
@@ -437,4 +486,4 @@ def load_export(folder: str | os.PathLike) -> tuple[DiT, dict]:
     difffit = bool(kwargs.pop("difffit", False))
     _check_arch(kwargs)
     model = _empty_model(kwargs, difffit)
-    return load_into(model, load_file(folder / EXPORT_WEIGHTS), source=str(folder)).eval(), cfg
+    return load_into(model, load_safetensors(folder / EXPORT_WEIGHTS), source=str(folder)).eval(), cfg
