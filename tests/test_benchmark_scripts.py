@@ -49,3 +49,31 @@ def test_compare_methods_pairs_repeats_by_seed(tmp_path, capsys):
     assert f"| {bench} | minimax | 0.700 | 0.500 |" in out  # step 100 (memories filling) is left out
     with pytest.raises(SystemExit, match="no bench holds both"):  # --ipc keeps only the cells of that IPC
         compare_methods.main([str(bench), "--ipc", "1"])
+
+
+def test_bench_cpu_quick_prints_every_comparison(monkeypatch, capsys):
+    # Workers run in-process here (a subprocess per setting costs minutes on a loaded 2-core machine); the
+    # script itself runs them as subprocesses so that process-wide settings are measured apart.
+    import contextlib
+
+    import torch
+
+    import bench_cpu
+
+    def in_process(spec, wait="passive", malloc="tuned"):
+        try:
+            return json.loads(json.dumps(bench_cpu.worker(spec)))
+        finally:
+            torch.set_num_threads(1)
+
+    monkeypatch.setattr(bench_cpu, "run_worker", in_process)
+    monkeypatch.setattr(bench_cpu, "Busy", contextlib.nullcontext)
+    assert bench_cpu.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for name in ("threads idle: 1 -> 2", "threads busy: torch default", "allocator (1 thread)",
+                 "test check pass (fp32): batch 256 -> 64", "fp32 -> bf16", "training step images/s, fp32",
+                 "training step images/s, bf16", "share of evaluation time in test checks"):
+        assert name in out, name
+    ratios = [float(x) for x in re.findall(r" x ?(\d+\.\d+)", out)]
+    assert len(ratios) == 7 and all(r > 0 for r in ratios)
+    assert "same weights with the allocator tuned and default: True" in out

@@ -82,7 +82,7 @@ class BenchConfig:
     sweep_memory: str = "16,32,64,128"  # N_R = N_G
     finetune: TrainConfig = field(default_factory=finetune_defaults)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=300))
+    eval: EvalConfig = field(default_factory=EvalConfig)  # epochs None: the protocol's table (METHOD.md section 7)
 
     def method_list(self) -> list[str]:
         names = _split(self.methods, "methods", str)

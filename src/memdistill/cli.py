@@ -336,11 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    for p in (parser, *sub.choices.values()):
+        _add_runtime_args(p)
     return parser
+
+
+THREADS_HELP = ("intra-op CPU threads: a number or auto (default: auto = the cores not busy with other work, from "
+                "the 1-minute load average; MEMDISTILL_THREADS or OMP_NUM_THREADS also set it). Waiting threads "
+                "sleep (OMP_WAIT_POLICY=passive unless set). fp32 results can differ in the last digits between "
+                "thread counts (parallel sums); the thread count is recorded in every manifest")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--threads both before the subcommand and after it; SUPPRESS keeps a subparser's default from hiding a
+    value given before the subcommand."""
+    p.add_argument("--threads", default=argparse.SUPPRESS, metavar="N|auto", help=THREADS_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from . import runtime
+
+    try:
+        runtime.prepare_environment()  # before torch is imported: libgomp reads OMP_WAIT_POLICY at load time
+    except UserError as err:
+        print(f"memdistill: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
@@ -350,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)  # denormals make CPU steps erratically slow
     try:
+        runtime.set_threads(getattr(args, "threads", None))
         args.func(args)
     except UserError as err:
         print(f"memdistill {args.command}: error: {err}", file=sys.stderr)

@@ -20,11 +20,13 @@ from memdistill.checks import FLOAT32_MAX, flag, require_finite, require_int
 from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
+from memdistill.runtime import autocast, check_precision, runtime_info
 
 log = logging.getLogger(__name__)
 
 LR_DECAY = 0.2
-TEST_BATCH = 256
+# Test checks run in batches of 64: 1.8x faster than 256 on CPU (activations stay in cache; docs/benchmarks.md).
+TEST_BATCH = 64
 
 
 def epochs_for_ipc(ipc: int) -> int:
@@ -78,6 +80,8 @@ class EvalConfig:
     repeats: int = 3
     seed: int = 0
     device: str = "auto"  # as every stage: CUDA when available
+    precision: str = "fp32"  # fp32 | bf16: autocast of the classifier's forward passes (training and test checks)
+    compile: bool = False  # torch.compile the training forward (pays off only for long runs; see benchmarks.md)
 
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
@@ -90,6 +94,7 @@ class EvalConfig:
         for name in ("epochs", "eval_every", "image_size"):
             require_int(flag(name, prefix), getattr(self, name), low=1, optional=True)
         resolve_device(self.device)
+        check_precision(self.precision)
 
 
 def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -115,13 +120,16 @@ def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     return images_per_class(train_y)
 
 
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+              precision: str = "fp32") -> float:
+    """Top-1 % of ``model`` on test images x (N, C, H, W) with labels y (N,), in eval mode, TEST_BATCH at a
+    time under inference mode (no autograd bookkeeping) and ``precision`` autocast."""
     model.eval()
     correct = 0
-    for i in range(0, len(x), TEST_BATCH):
-        logits = model(x[i:i + TEST_BATCH].to(device))
-        correct += int((logits.argmax(1).cpu() == y[i:i + TEST_BATCH]).sum())
+    with torch.inference_mode(), autocast(device, precision):
+        for i in range(0, len(x), TEST_BATCH):
+            logits = model(x[i:i + TEST_BATCH].to(device))
+            correct += int((logits.argmax(1).cpu() == y[i:i + TEST_BATCH]).sum())
     model.train()
     return 100.0 * correct / len(x)
 
@@ -141,6 +149,8 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     Images are (N, C, H, W) in [-1, 1]; labels (N,) int64. seed None -> config.seed; it seeds both the
     network's init (torch.manual_seed) and a generator for shuffling and augmentation.
     Returns dict(best=, last=, history=[(epoch, top-1 %)]) with 1-based epochs.
+    config.precision bf16 runs the forward passes under bf16 autocast (the loss, the gradients' accumulation
+    in the fp32 weights and the optimiser stay fp32); config.compile compiles the training forward.
     """
     config = config or EvalConfig()
     config.validate()
@@ -161,6 +171,9 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     train_y, test_y = train_y.long().to(device), test_y.long().cpu()
     augment = TrainAugment(size=size, flip=config.flip is not False, jitter=config.jitter, lighting=config.lighting)
 
+    # The compiled module shares its parameters with `model`; the test checks run the eager one (eval mode
+    # would otherwise trigger a second compilation).
+    forward = torch.compile(model) if config.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -179,7 +192,9 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
                 x, target = cutmix(x, y, num_classes, config.cutmix_beta, generator)
             else:
                 target = F.one_hot(y, num_classes).float()
-            loss = F.cross_entropy(model(x), target)  # soft targets: (B, classes) probabilities
+            with autocast(device, config.precision):
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), target)  # soft targets: (B, classes) probabilities
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -188,7 +203,7 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
                 raise UserError(f"training the {config.net} classifier diverged: its weights became non-finite "
                                 f"(NaN or infinity) by epoch {epoch + 1} (seed {seed}); no result was written. "
                                 f"Use a smaller learning rate (now {config.lr:g}; --lr, in run and bench --eval-lr)")
-            acc = _accuracy(model, test_ready, test_y, device)
+            acc = _accuracy(model, test_ready, test_y, device, config.precision)
             history.append((epoch + 1, acc))
             log.debug("epoch %d: loss %.4f, top-1 %.2f%%", epoch + 1, loss.item(), acc)
     best, last = max(acc for _, acc in history), history[-1][1]
@@ -222,7 +237,7 @@ def evaluate_repeats(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     last_mean, last_std = _mean_std([r["last"] for r in per_repeat])
     return {"per_repeat": per_repeat, "best_mean": best_mean, "best_std": best_std, "last_mean": last_mean,
             "last_std": last_std, "epochs": resolved_epochs(config, train_y), "net": config.net,
-            "config": asdict(config)}
+            "config": asdict(config), "runtime": runtime_info()}
 
 
 def format_score(mean: float, std: float, repeats: int | None = None) -> str:

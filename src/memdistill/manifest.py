@@ -189,9 +189,10 @@ def versions() -> dict[str, str]:
     import torch
 
     from . import __version__
+    from .runtime import runtime_info
 
     return {"memdistill": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
-            "platform": platform.platform()}
+            "platform": platform.platform(), "runtime": runtime_info()}
 
 
 def write_manifest(folder: str | Path, stage: str, config: dict, **extra: Any) -> Path:

@@ -24,6 +24,7 @@ from .diffusion import SAMPLERS, GaussianDiffusion, image_generator
 from .errors import UserError
 from .imageset import ImageSetWriter, check_target, partial_path
 from .models.dit import DiT, guided
+from .runtime import autocast, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class SampleConfig:
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16: autocast of the DiT's forward passes (the sampler's arithmetic stays fp32)
     classes: list[int] | None = None  # label indices (positions in the class list) to sample; None = all
     # Only for checkpoints without an export config (official .pt, diffusers DiT) or to override the export's:
     subset: str | None = None  # class list: built-in name (imagewoof, ...) or a text file of names
@@ -64,6 +66,7 @@ class SampleConfig:
         require_int(flag("guided_channels", prefix), self.guided_channels, low=1, optional=True)
         require_int(flag("vae_batch_size", prefix), self.vae_batch_size, low=1)
         resolve_device(self.device)
+        check_precision(self.precision)
 
 
 def parse_classes(classes) -> list[int] | None:
@@ -95,7 +98,7 @@ class Sampler:
                progress: bool = False) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] for jobs (label, index), all in one batch."""
         diffusion = diffusion or GaussianDiffusion()
-        fn = guided(self.model, cfg.cfg_scale, cfg.guided_channels)
+        fn = _at_precision(guided(self.model, cfg.cfg_scale, cfg.guided_channels), self.device, cfg.precision)
         y = torch.tensor([self.cond_labels[c] for c, _ in jobs], dtype=torch.long)
         gens = [image_generator(cfg.seed, c, i) for c, i in jobs]
         z = diffusion.sample(fn, self.latent_shape, y, gens, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
@@ -109,6 +112,20 @@ class Sampler:
                             f"--sampler {cfg.sampler}, --steps {cfg.steps}; nothing was written. A smaller "
                             "--cfg-scale, or another model, avoids it")
         return images
+
+
+def _at_precision(fn, device: torch.device, precision: str):
+    """``fn`` (x, t, y) -> eps output with its forward under ``precision`` autocast, returned in fp32 so that the
+    diffusion update (posterior means, variances, noise) is computed in fp32."""
+    if precision == "fp32":
+        return fn
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            out = fn(x, t, y)
+        return out.float()
+
+    return forward
 
 
 def _run_info(export: Path) -> dict:

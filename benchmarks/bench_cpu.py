@@ -1,0 +1,236 @@
+"""Default vs tuned CPU settings of the evaluation stage, in one run, as ratios (issue: use the CPU well).
+
+    python benchmarks/bench_cpu.py            # a few minutes on 2 cores
+    python benchmarks/bench_cpu.py --quick    # seconds: the 8x8 digits, a handful of steps (a smoke test)
+
+Every setting that is process-wide (thread pool, OpenMP wait policy, glibc allocator) is measured in its own
+subprocess of this script (``--worker``), so one run compares them fairly. Sections:
+1. threads: 1 vs 2 threads (waiting threads passive), idle and beside a busy process this script starts, and
+   torch's default (2 threads, wait policy unset) beside the busy process;
+2. allocator: MEMDISTILL_MALLOC tuned vs default, and the same trained weights in both;
+3. test checks: batch 64 vs 256, fp32 vs bf16;
+4. precision: evaluation end to end in fp32 vs bf16;
+5. the limit: images/s of our training step (augmentation, CutMix, forward, backward, SGD) against a bare loop
+   of the same net (forward, backward, SGD on one fixed batch) in fp32 and bf16, and the share of the
+   evaluation's time spent in test checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# ----- worker: runs in a subprocess with its environment already set --------------------------------------
+def _data(dataset: str, ipc: int, num_test: int):
+    import torch
+
+    from memdistill.data import load_tensors, open_dataset
+
+    train_x, train_y = load_tensors(open_dataset(dataset, "train"))
+    test_x, test_y = load_tensors(open_dataset(dataset, "test"))
+    g = torch.Generator().manual_seed(0)
+    keep = torch.cat([(train_y == c).nonzero().flatten()[torch.randperm(int((train_y == c).sum()), generator=g)[:ipc]]
+                      for c in range(int(train_y.max()) + 1)])
+    return train_x[keep], train_y[keep], test_x[:num_test], test_y[:num_test]
+
+
+def _evaluation(spec: dict) -> dict:
+    """train_and_test end to end: wall seconds, seconds in test checks, a hash of the trained weights."""
+    import torch
+
+    import memdistill.evaluate as ev
+
+    x, y, tx, ty = _data(spec["dataset"], spec["ipc"], spec["num_test"])
+    models, checks = [], [0.0]
+    real_build, real_accuracy = ev.build_net, ev._accuracy
+
+    def build(*a, **k):
+        models.append(real_build(*a, **k))
+        return models[-1]
+
+    def accuracy(*a, **k):
+        t0 = time.perf_counter()
+        out = real_accuracy(*a, **k)
+        checks[0] += time.perf_counter() - t0
+        return out
+
+    ev.build_net, ev._accuracy = build, accuracy
+    cfg = ev.EvalConfig(net="convnet3", epochs=spec["epochs"], precision=spec.get("precision", "fp32"),
+                        eval_every=spec.get("eval_every"), flip=False)
+    t0 = time.perf_counter()
+    result = ev.train_and_test(x, y, tx, ty, 10, cfg, seed=0)
+    wall = time.perf_counter() - t0
+    weights = b"".join(p.detach().float().numpy().tobytes() for p in models[0].parameters())
+    steps = spec["epochs"] * -(-len(x) // cfg.batch_size)
+    return {"wall": wall, "checks": checks[0], "images_per_s": steps * cfg.batch_size / (wall - checks[0]),
+            "last": result["last"], "weights": hashlib.sha256(weights).hexdigest()[:16],
+            "threads": torch.get_num_threads()}
+
+
+def _test_checks(spec: dict) -> dict:
+    """Seconds per test pass over the test images for each (batch, precision)."""
+    import torch
+
+    import memdistill.evaluate as ev
+    from memdistill.augment import test_transform
+    from memdistill.nets import build_net
+
+    _, _, tx, ty = _data(spec["dataset"], 1, spec["num_test"])
+    torch.manual_seed(0)
+    model = build_net("convnet3", 10, tx.shape[1], tx.shape[-1])
+    ready = test_transform(((tx.float() + 1) / 2).clamp(0, 1), tx.shape[-1])
+    out = {}
+    for batch in (256, 64):
+        for precision in ("fp32", "bf16"):
+            ev.TEST_BATCH = batch
+            ev._accuracy(model, ready, ty, torch.device("cpu"), precision)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(spec["passes"]):
+                acc = ev._accuracy(model, ready, ty, torch.device("cpu"), precision)
+            out[f"{batch}/{precision}"] = {"s": (time.perf_counter() - t0) / spec["passes"], "acc": acc}
+    return out
+
+
+def _bare_loop(spec: dict) -> dict:
+    """images/s of forward, backward and SGD of the same net on one fixed batch of 64, fp32 and bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    from memdistill.nets import build_net
+    from memdistill.runtime import autocast
+
+    size, channels = spec["size"], spec["channels"]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        net = build_net("convnet3", 10, channels, size)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        x, y = torch.rand(64, channels, size, size), torch.randint(0, 10, (64,))
+
+        def step():
+            with autocast("cpu", precision):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            step()
+        out[precision] = spec["steps"] * 64 / (time.perf_counter() - t0)
+    return out
+
+
+def worker(spec: dict) -> dict:
+    from memdistill import runtime
+
+    runtime.prepare_environment()  # wait policy and allocator, before torch loads
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    kind = spec["kind"]
+    result = {"evaluation": _evaluation, "test_checks": _test_checks, "bare": _bare_loop}[kind](spec)
+    result["runtime"] = runtime.runtime_info()
+    return result
+
+
+# ----- driver ---------------------------------------------------------------------------------------------
+def run_worker(spec: dict, wait: str = "passive", malloc: str = "tuned") -> dict:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               MEMDISTILL_MALLOC=malloc)
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if wait != "unset":
+        env["OMP_WAIT_POLICY"] = wait
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Busy:
+    """A competing process that keeps one core busy (pure Python spin) while it lives."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
+    parser.add_argument("--epochs", type=int, default=None, help="evaluation epochs per measurement (default 40)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    quick = args.quick
+    dataset, size, channels = ("digits", 8, 1) if quick else ("mnist5k", 28, 1)
+    epochs = args.epochs or (2 if quick else 40)
+    ev = {"kind": "evaluation", "dataset": dataset, "ipc": 10, "num_test": 100 if quick else 1000, "epochs": epochs}
+    print(f"# bench_cpu: {dataset}, ConvNet-3, IPC 10, {epochs} epochs per evaluation (checks every "
+          f"{max(1, epochs // 10)} epochs), {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+
+    def line(name: str, base: float, tuned: float, unit: str = "s") -> None:
+        print(f"{name:<52} {base:9.3f} {tuned:9.3f} {unit:<5} x{base / tuned:5.2f}")
+
+    print(f"{'comparison (default -> tuned)':<52} {'default':>9} {'tuned':>9} {'unit':<5} speed-up")
+    # 1. threads
+    one = run_worker(dict(ev, threads=1))
+    two = run_worker(dict(ev, threads=2))
+    line("threads idle: 1 -> 2 (passive)", one["wall"], two["wall"])
+    with Busy():
+        one_b = run_worker(dict(ev, threads=1))
+        two_b = run_worker(dict(ev, threads=2))
+        two_spin = run_worker(dict(ev, threads=2), wait="unset")
+    line("threads busy: torch default (2, wait unset) -> 1", two_spin["wall"], one_b["wall"])
+    line("threads busy: 2 passive -> 1", two_b["wall"], one_b["wall"])
+    print(f"  same weights with 1 and 2 threads: {one['weights'] == two['weights']} "
+          f"(top-1 {one['last']:.2f} vs {two['last']:.2f})")
+    # 2. allocator
+    plain = run_worker(dict(ev, threads=1), malloc="default")
+    line("allocator (1 thread): default -> tuned", plain["wall"], one["wall"])
+    print(f"  same weights with the allocator tuned and default: {plain['weights'] == one['weights']}")
+    # 3. test checks
+    checks = run_worker({"kind": "test_checks", "dataset": dataset, "num_test": ev["num_test"],
+                         "passes": 2 if quick else 10, "threads": 1})
+    line("test check pass (fp32): batch 256 -> 64", checks["256/fp32"]["s"], checks["64/fp32"]["s"])
+    line("test check pass (batch 64): fp32 -> bf16", checks["64/fp32"]["s"], checks["64/bf16"]["s"])
+    print("  top-1 of the same net: " + ", ".join(f"{k} {v['acc']:.2f}" for k, v in checks.items() if k != "runtime"))
+    # 4. precision end to end
+    bf16 = run_worker(dict(ev, threads=1, precision="bf16"))
+    line("evaluation (1 thread): fp32 -> bf16", one["wall"], bf16["wall"])
+    print(f"  top-1 after {epochs} epochs: fp32 {one['last']:.2f}, bf16 {bf16['last']:.2f}")
+    # 5. the limit
+    bare = run_worker({"kind": "bare", "size": size, "channels": channels, "steps": 5 if quick else 100,
+                       "threads": 1})
+    print(f"{'the limit (1 thread)':<52} {'ours':>9} {'bare':>9} {'unit':<5} ours/bare")
+    for precision, ours in (("fp32", one), ("bf16", bf16)):
+        print(f"{'training step images/s, ' + precision:<52} {ours['images_per_s']:9.0f} {bare[precision]:9.0f} "
+              f"{'img/s':<5} {ours['images_per_s'] / bare[precision]:6.2f}")
+    print(f"{'share of evaluation time in test checks (fp32, bf16)':<52} {one['checks'] / one['wall']:9.2f} "
+          f"{bf16['checks'] / bf16['wall']:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
