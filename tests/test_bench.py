@@ -15,7 +15,7 @@ from memdistill.imageset import read_image_set
 
 TINY = ["--data", "digits", "--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--no-progress",
         "--sample-steps", "3", "--eval-epochs", "2", "--feature-net", "convnet1", "--feature-epochs", "1",
-        "--nets", "convnet1", "--repeats", "2"]
+        "--eval-net", "convnet1", "--eval-repeats", "2"]
 
 
 def bench_cli(*args):
@@ -45,7 +45,7 @@ def counters(monkeypatch):
 
 def test_bench_grid_and_resume_of_one_cell(tiny_model, tmp_path, counters, capsys):
     out = tmp_path / "bench"
-    common = ["--init", tiny_model, *TINY, "--methods", "random,dit,adaptive", "--ipcs", "1,2", "--out", out]
+    common = ["--init", tiny_model, *TINY, "--method", "random,dit,adaptive", "--ipc", "1,2", "--out", out]
     bench_cli(*common)
     assert "| IPC | net | Random | DiT | Adaptive |" in capsys.readouterr().out
     for name in ("bench.json", "bench.md", "accuracy_vs_ipc.png", "features/extractor.pt", "timings.json"):
@@ -134,7 +134,7 @@ def test_sweep_runs_on_two_values(tiny_model, tmp_path, counters):
 
 def test_finetune_control_is_fine_tuned_without_memory(tiny_model, tmp_path, counters, capsys):
     out = tmp_path / "control"
-    bench_cli("--init", tiny_model, *TINY, "--methods", "finetune,minimax", "--ipcs", "1", "--no-metrics",
+    bench_cli("--init", tiny_model, *TINY, "--method", "finetune,minimax", "--ipc", "1", "--no-metrics",
               "--out", out)
     assert counters["finetune"] == [("none", str(out / "models" / "finetune")),
                                     ("fifo", str(out / "models" / "minimax"))]
@@ -143,12 +143,27 @@ def test_finetune_control_is_fine_tuned_without_memory(tiny_model, tmp_path, cou
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--methods", "random,gan"], "gan"),
-    (["--ipcs", "1,x"], "--ipcs"),
-    (["--nets", "vgg11"], "vgg11"),
-    (["--ipcs", "5000", "--methods", "random"], "exceeds"),
+    (["--method", "random,gan"], "gan"),
+    (["--ipc", "1,x"], "--ipc"),
+    (["--eval-net", "vgg11"], "vgg11"),
+    (["--ipc", "5000", "--method", "random"], "exceeds"),
     (["--sweep", "--sweep-lambda-real", "", "--sweep-lambda-gen", "", "--sweep-memory", ""], "no points"),
 ])
 def test_bad_input(tiny_model, tmp_path, args, match):
     with pytest.raises(UserError, match=match):
         bench_cli("--init", tiny_model, *TINY, *args, "--out", tmp_path / "b")
+
+
+def test_the_older_spellings_still_run(tiny_model, tmp_path):
+    """--ipcs, --methods, --nets and --repeats were renamed (--ipc, --method, --eval-net, --eval-repeats, as in
+    the other commands); commands written with the old names keep working."""
+    from memdistill.cli import build_parser
+
+    old = build_parser().parse_args(["bench", "--methods", "random", "--ipcs", "1,2", "--nets", "convnet1",
+                                     "--repeats", "2"])
+    new = build_parser().parse_args(["bench", "--method", "random", "--ipc", "1,2", "--eval-net", "convnet1",
+                                     "--eval-repeats", "2"])
+    assert vars(old) == vars(new)
+    assert (old.methods, old.ipcs, old.nets, old.repeats) == ("random", "1,2", "convnet1", 2)
+    default = build_parser().parse_args(["bench"])
+    assert (default.ipcs, default.repeats) == ("1,10,50", 3)

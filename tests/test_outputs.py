@@ -47,8 +47,8 @@ STAGES = {
     "evaluate": ["evaluate", "--train", "SET", "--test", "digits", "--net", "convnet1", "--epochs", "1",
                  "--repeats", "1"],
     "run": ["run", *TINY_RUN],
-    "bench": ["bench", "--data", "digits", "--methods", "random", "--ipcs", "1", "--nets", "convnet1",
-              "--repeats", "1", "--no-metrics", "--eval-epochs", "1"],
+    "bench": ["bench", "--data", "digits", "--method", "random", "--ipc", "1", "--eval-net", "convnet1",
+              "--eval-repeats", "1", "--no-metrics", "--eval-epochs", "1"],
 }
 
 
@@ -398,7 +398,7 @@ def test_every_written_set_has_a_labelled_grid(tmp_path):
 
 def test_refused_bench_writes_nothing(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = run_cli(*STAGES["bench"], "--ipcs", "1000", "--out", out)
+    code = run_cli(*STAGES["bench"], "--ipc", "1000", "--out", out)
     one_line_error(capsys, code, "IPC 1000")
     assert not out.exists()
     assert run_cli(*STAGES["bench"], "--out", out) == 0

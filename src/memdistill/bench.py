@@ -85,24 +85,24 @@ class BenchConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # epochs None: the protocol's table (METHOD.md section 7)
 
     def method_list(self) -> list[str]:
-        names = _split(self.methods, "methods", str)
+        names = _split(self.methods, "method", str)
         allowed = METHODS + EXTRA_METHODS
         bad = [m for m in names if m not in allowed]
         if bad or not names:
-            raise UserError(f"unknown method {bad[0]!r} in --methods; allowed: {', '.join(allowed)} (comma-separated)"
-                            if bad else f"--methods is empty; allowed: {', '.join(allowed)}")
+            raise UserError(f"unknown method {bad[0]!r} in --method; allowed: {', '.join(allowed)} (comma-separated)"
+                            if bad else f"--method is empty; allowed: {', '.join(allowed)}")
         return list(dict.fromkeys(names))
 
     def ipc_list(self) -> list[int]:
-        ipcs = _split(self.ipcs, "ipcs", int)
+        ipcs = _split(self.ipcs, "ipc", int)
         if not ipcs or min(ipcs) < 1:
-            raise UserError(f"--ipcs must be positive integers such as 1,10,50; got {self.ipcs!r}")
+            raise UserError(f"--ipc must be positive integers such as 1,10,50; got {self.ipcs!r}")
         return sorted(set(ipcs))
 
     def net_list(self) -> list[str]:
-        nets = list(dict.fromkeys(_split(self.nets, "nets", str)))
+        nets = list(dict.fromkeys(_split(self.nets, "eval-net", str)))
         if not nets:
-            raise UserError("--nets is empty; give e.g. convnet3 or convnet6,resnetap10,resnet18")
+            raise UserError("--eval-net is empty; give e.g. convnet3 or convnet6,resnetap10,resnet18")
         return nets
 
     def sweep_points(self) -> list[tuple[str, float | int]]:
@@ -126,7 +126,7 @@ class BenchConfig:
     def validate(self) -> None:
         self.method_list(), self.ipc_list(), self.net_list()
         if self.repeats < 1:
-            raise UserError(f"--repeats must be at least 1, got {self.repeats}")
+            raise UserError(f"--eval-repeats must be at least 1, got {self.repeats}")
         if self.feature_epochs < 1:
             raise UserError(f"--feature-epochs must be at least 1, got {self.feature_epochs}")
         if self.coverage_k < 1:
@@ -711,10 +711,10 @@ def _sweep_set(bench: _Bench, model: str, k: int, folder: Path) -> Path:
 
 # ----- command line ------------------------------------------------------------------------------------------
 BENCH_HELP = {
-    "methods": f"comma-separated methods: {', '.join(METHODS)}; also finetune (the same fine-tuning without "
+    "methods": f"methods, comma-separated: {', '.join(METHODS)}; also finetune (the same fine-tuning without "
                "memory losses, a control)",
-    "ipcs": "comma-separated images per class",
-    "nets": "comma-separated evaluation nets (convnetD, resnetap10, resnet18)",
+    "ipcs": "images per class, comma-separated",
+    "nets": "evaluation nets (convnetD, resnetap10, resnet18), comma-separated",
     "repeats": "classifiers trained per cell, each with its own seed",
     "test": "real test images (default: the embedded dataset's test split)",
     "metrics": "measure diversity and coverage of every set",
@@ -739,8 +739,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                                    "memory, at several IPCs and nets, mean ± std over repeats, with diversity and "
                                    "coverage of each set; --sweep runs the lambda / memory-size sensitivity study "
                                    "instead. Sampling options are --sample-*, evaluation options --eval-*, the rest "
-                                   "of the options are fine-tuning options.")
-    add_config_args(p, defaults, skip={"finetune", "sample", "eval"}, help=BENCH_HELP)
+                                   "of the options are fine-tuning options; an option that takes a list keeps its "
+                                   "name (--method dit,adaptive --ipc 1,10,50 --eval-net convnet3,resnet18).")
+    # Bench-level lists of a stage's option keep that option's name and the stage prefix (as in run).
+    add_config_args(p, defaults, skip={"finetune", "sample", "eval"}, help=BENCH_HELP,
+                    flags={"methods": "--method", "ipcs": "--ipc", "nets": "--eval-net", "repeats": "--eval-repeats"})
     add_config_args(p, defaults.finetune, skip={"model", "stage", "memory"}, help=TRAIN_HELP)
     add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"}, help=SAMPLE_HELP,
                     prefix="sample")
