@@ -27,8 +27,10 @@ def bench_cli(*args):
 
 @pytest.fixture
 def counters(monkeypatch):
+    from memdistill.bench import cells  # where the bench's units call them
+
     calls = {"evaluate": [], "finetune": []}
-    real_eval, real_ft = bench.evaluate_image_set, bench.finetune
+    real_eval, real_ft = cells.evaluate_image_set, cells.finetune
 
     def evaluate(folder, *a, **kw):
         calls["evaluate"].append(str(folder))
@@ -38,8 +40,8 @@ def counters(monkeypatch):
         calls["finetune"].append((cfg.memory, str(out)))
         return real_ft(cfg, out, *a, **kw)
 
-    monkeypatch.setattr(bench, "evaluate_image_set", evaluate)
-    monkeypatch.setattr(bench, "finetune", finetune)
+    monkeypatch.setattr(cells, "evaluate_image_set", evaluate)
+    monkeypatch.setattr(cells, "finetune", finetune)
     return calls
 
 

@@ -12,7 +12,8 @@ import pytest
 
 import memdistill
 from memdistill.checks import require_finite, require_int
-from memdistill.cli import _field_type, main
+from memdistill.cli import main
+from memdistill.options import _field_type
 from memdistill.errors import UserError
 from memdistill.manifest import write_json_atomic
 

@@ -167,7 +167,8 @@ def test_export_and_run_manifest_of_the_wrong_shape(tiny_model, tmp_path, capsys
 
 
 def test_bench_files_of_the_wrong_shape(tmp_path):
-    from memdistill.bench import BenchConfig, _Bench
+    from memdistill.bench import BenchConfig
+    from memdistill.bench.cells import _Bench
 
     bench = _Bench.__new__(_Bench)  # only the file readers are under test
     bench.cfg, bench.out = BenchConfig(), tmp_path

@@ -8,161 +8,13 @@ import json
 import logging
 import os
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable
 
 from .errors import UserError
+from .options import (EVAL_HELP, SAMPLE_HELP, TRAIN_HELP, TRAIN_RUN_MARKS, _add_run_folder_args, add_config_args,
+                      check_out, config_from_args)
 
 log = logging.getLogger("memdistill")
-
-
-# ----- dataclass <-> argparse --------------------------------------------------------------------------
-def _field_type(tp: Any) -> tuple[type, bool]:
-    """(base type, optional) of a dataclass annotation such as ``int | None``."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing})  # annotations are strings under `from __future__ import annotations`
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return tp, False
-
-
-def _optional(base: type) -> Callable[[str], Any]:
-    def parse(text: str):
-        return None if text.lower() == "none" else base(text)
-
-    parse.__name__ = base.__name__
-    return parse
-
-
-def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[str] = frozenset(),
-                    help: dict[str, str] | None = None, prefix: str = "", flags: dict[str, str] | None = None
-                    ) -> None:
-    """One ``--[prefix-]option`` per field of the dataclass ``defaults``, with its value as the default.
-    With a prefix, the parsed attribute is ``<prefix>_<field>``. ``flags`` spells a field's option otherwise
-    ({field: "--flag"}); its usual spelling is then kept as a hidden alias, so older commands still run.
-    The help says "(default: X)" unless its text states the default itself."""
-    help = help or {}
-    flags = flags or {}
-    for f in dataclasses.fields(defaults):
-        if f.name in skip:
-            continue
-        usual = "--" + (prefix + "-" if prefix else "") + f.name.replace("_", "-")
-        flag = flags.get(f.name, usual)
-        dest = f"{prefix}_{f.name}" if prefix else f.name
-        default = getattr(defaults, f.name)
-        base, optional = _field_type(f.type)
-        text = help.get(f.name, "")
-        if base is bool:
-            kwargs: dict[str, Any] = dict(action=argparse.BooleanOptionalAction, help=text)
-        else:
-            kwargs = dict(type=_optional(base) if optional else base, metavar=base.__name__.upper(),
-                          help=text if "(default:" in text else
-                          f"{text} (default: {'none' if default is None else default})".strip())
-        parser.add_argument(flag, dest=dest, default=default, **kwargs)
-        if flag != usual:  # the usual spelling stays as a hidden alias
-            parser.add_argument(usual, dest=dest, default=argparse.SUPPRESS, **{**kwargs, "help": argparse.SUPPRESS})
-
-
-def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
-    def dest(name: str) -> str:
-        return f"{prefix}_{name}" if prefix else name
-
-    values = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(cls) if hasattr(args, dest(f.name))}
-    return dataclasses.replace(base, **values)
-
-
-def _add_run_folder_args(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
-
-
-TRAIN_HELP = {
-    "data": "embedded dataset (mnist5k, digits) or a class-per-folder image tree",
-    "subset": "built-in class list (imagewoof, imagenette, imageidc, idc100) or a text file of folder names "
-              "(default: every class folder of --data, sorted)",
-    "resolution": "image size: folder images get their shorter side resized to it and the centre square cropped "
-                  "(default: the images' own size when all are square and of one size, else required, e.g. 256 "
-                  "for ImageNet photos; embedded sets: their own, 28 or 8 px)",
-    "skip_bad_images": "skip unreadable images with a warning instead of stopping at the first",
-    "channels": "image channels: auto (1 when every image is grey, else 3), 1 or 3",
-    "labels": "class names to model class indices: auto (ImageNet index when the names are wnids, else 0..K-1; "
-              "an unknown name among wnids or for a 1000-class model is an error), imagenet or index "
-              "(0..K-1 in class order)",
-    "codec": "pixel (the DiT works on pixels) or vae (on the latents of --vae)",
-    "vae": "local folder of a diffusers AutoencoderKL (default: none; required with --codec vae)",
-    "latent_cache": "folder where encoded latents are cached and reused (default: none, encode every run)",
-    "model": "DiT size to build from scratch, e.g. DiT-XL/2 or DiT-Tiny/4",
-    "init": "checkpoint to start from: a shipped name (mnist5k), an export folder, a run folder, an official .pt "
-            "or a diffusers DiT folder",
-    "train": "parameters to tune: difffit (biases, label table, DiffFit scales) or all",
-    "class_dropout": "probability that a label is replaced by the null class (trains classifier-free guidance)",
-    "steps": "optimisation steps (overrides --epochs)",
-    "epochs": "passes over the training images, used when --steps is none (default: none; 1 when both are none)",
-    "batch_size": "global batch size (split over torchrun processes)",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip the gradient norm at this value; none: no clipping",
-    "ema_decay": "decay of the exponential moving average of the weights that is exported",
-    "memory": "memory strategy: adaptive (the paper), fifo (Minimax) or none",
-    "lambda_real": "weight of the representativeness loss",
-    "lambda_gen": "weight of the diversity loss",
-    "mem_real": "capacity N_R of each class's real memory",
-    "mem_gen": "capacity N_G of each class's generated memory",
-    "repeat_loss_defect": "reproduce the reference code's re-added class loss (ablation only)",
-    "memory_max_t": "only samples at timesteps t below this feed the memory losses and memories "
-                    "(default: none, every t, as the paper)",
-    "seed": "seed of every random draw (batch order, timesteps, noise, label dropout, initial weights)",
-    "checkpoint_every": "save a resume state every this many steps",
-    "log_every": "write a line of metrics.jsonl every this many steps",
-    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "progress": "show a progress bar",
-}
-
-SAMPLE_HELP = {
-    "model": "shipped name (mnist5k), a run folder, an export, an official .pt or a diffusers DiT folder",
-    "ipc": "images per class",
-    "cfg_scale": "classifier-free guidance scale (1 = none)",
-    "steps": "respaced sampling steps",
-    "sampler": "ddpm (ancestral, learned variances) or ddim",
-    "eta": "DDIM noise, 0 (deterministic) to 1",
-    "guided_channels": "guide only the first N latent channels, 3 reproduces the official DiT sampler "
-                       "(default: none, all channels)",
-    "seed": "seed of the per-image noise (image i of class c always gets the same noise)",
-    "batch_size": "images sampled at once (does not change the images)",
-    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "precision": "fp32 or bf16: autocast of the DiT's forward passes (the sampler's arithmetic stays fp32)",
-    "subset": "class list for a checkpoint without an export config (default: none, the export's own)",
-    "codec": "pixel or vae, for a checkpoint without an export config (default: none, the export's own)",
-    "vae": "local AutoencoderKL folder used to decode (default: none, the export's own)",
-    "vae_batch_size": "latents decoded per VAE call (lower it if decoding runs out of GPU memory)",
-    "labels": "for --subset: auto, imagenet (wnid -> ImageNet index) or index (0..K-1)",
-}
-
-EVAL_HELP = {
-    "net": "convnetD (any depth, e.g. convnet3, convnet6), resnetap10 or resnet18",
-    "norm": "instance or batch",
-    "image_size": "train/test image size (default: the set's own)",
-    "epochs": "training epochs (default: the protocol's by IPC: 1 -> 3000, <=10 -> 2000, <=50 -> 1500, "
-              "<=200 -> 1000, <=500 -> 500, else 300)",
-    "lr": "SGD learning rate (multiplied by 0.2 at 2/3 and 5/6 of training)",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "batch_size": "training batch size",
-    "cutmix_beta": "CutMix Beta(b, b) parameter; 0 disables",
-    "flip": "random horizontal flips (default: on, except for the embedded digit sets)",
-    "jitter": "colour jitter (brightness, contrast, saturation 0.4)",
-    "lighting": "PCA lighting noise (std 0.1)",
-    "eval_every": "test every this many epochs, and after the last (default: a tenth of the epochs)",
-    "repeats": "classifiers trained, each with its own seed",
-    "seed": "seed of the first classifier (repeat r uses seed + r)",
-    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "precision": "fp32 or bf16: autocast of the classifier's forward passes (training and test checks)",
-    "compile": "torch.compile the classifier (pays off only for long runs)",
-}
 
 
 # ----- subcommands ---------------------------------------------------------------------------------------
@@ -170,22 +22,6 @@ def say(message: str) -> None:
     """Print a result line once, from rank 0 only under torchrun."""
     if os.environ.get("RANK", "0") == "0":
         print(message)
-
-
-# Entries that mark a training run's folder (as train.prepare_output reads them).
-TRAIN_RUN_MARKS = ("config.json", "checkpoints/last.pt", "manifest.json")
-
-
-def check_out(args: argparse.Namespace, what: str, names: tuple[str, ...] | None = None,
-              resumable: bool = True) -> None:
-    """The output check every stage runs first, before loading data or models: --out must be a folder that
-    can be written, and an earlier output in it (any of ``names`` inside it; None: anything) is refused
-    unless --overwrite (or --resume, for a ``resumable`` stage). Creates nothing."""
-    from .manifest import check_output_folder, refuse_existing
-
-    check_output_folder(args.out)
-    refuse_existing(args.out, what, names, overwrite=args.overwrite,
-                    resume=getattr(args, "resume", False) if resumable else None)
 
 
 def _say_labels(export: Path) -> None:
@@ -278,7 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
                     eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
-    from .evaluate import format_score
+    from .reports import format_score
 
     for r in results["results"]:
         n = len(r["per_repeat"])

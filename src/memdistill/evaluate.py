@@ -20,6 +20,7 @@ from memdistill.checks import FLOAT32_MAX, flag, require_finite, require_int
 from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
+from memdistill.reports import format_score
 from memdistill.runtime import autocast, check_precision, runtime_info
 
 log = logging.getLogger(__name__)
@@ -238,14 +239,6 @@ def evaluate_repeats(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     return {"per_repeat": per_repeat, "best_mean": best_mean, "best_std": best_std, "last_mean": last_mean,
             "last_std": last_std, "epochs": resolved_epochs(config, train_y), "net": config.net,
             "config": asdict(config), "runtime": runtime_info()}
-
-
-def format_score(mean: float, std: float, repeats: int | None = None) -> str:
-    """A top-1 figure as people read it: "91.60 ± 1.21" (mean ± sample std over repeats), or
-    "91.60 (1 repeat)" for a single repeat, which has no spread to show. repeats None: not known (2 or more)."""
-    if repeats == 1:
-        return f"{mean:.2f} (1 repeat)"
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 def format_table(results: dict | list[dict]) -> str:

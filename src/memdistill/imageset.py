@@ -12,10 +12,8 @@ killed process (its pid no longer runs) is removed by the next writer of the sam
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Sequence

@@ -174,10 +174,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def pm(mean: float, std: float, repeats: int | None = None) -> str:
-    """Mean ± std, or the mean and "(1 repeat)" for one repeat (evaluate.format_score)."""
-    from .evaluate import format_score
+def format_score(mean: float, std: float, repeats: int | None = None) -> str:
+    """A top-1 figure as people read it: "91.60 ± 1.21" (mean ± sample std over repeats), or
+    "91.60 (1 repeat)" for a single repeat, which has no spread to show. repeats None: not known (2 or more)."""
+    if repeats == 1:
+        return f"{mean:.2f} (1 repeat)"
+    return f"{mean:.2f} ± {std:.2f}"
 
+
+def pm(mean: float, std: float, repeats: int | None = None) -> str:
+    """Mean ± std, or the mean and "(1 repeat)" for one repeat (format_score)."""
     return format_score(mean, std, repeats)
 
 

@@ -1,0 +1,284 @@
+"""The grid's units, each made once and reused on resume: fine-tuned models, image sets, evaluated cells and
+set metrics (see the layout in memdistill.bench)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..baselines import select_real
+from ..devices import resolve_device
+from ..errors import UserError
+from ..evaluate import evaluate_image_set, resolve_test_set
+from ..finetune import finetune
+from ..manifest import NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing, write_json_atomic
+from ..sample import sample_set
+from ..train import TrainConfig
+from .config import BenchConfig, MEMORY_OF, REAL_METHODS
+
+log = logging.getLogger(__name__)
+
+
+# ----- the run ------------------------------------------------------------------------------------------------
+# Settings that change what is observed or how fast, not what is computed: a resume may change them.
+_FREE = {"finetune": {"checkpoint_every", "log_every", "device", "progress", "memory"},
+         "sample": {"device", "batch_size", "model", "ipc", "classes"},
+         "eval": {"device", "net", "repeats"}}
+
+
+def _fingerprint(cfg: BenchConfig, test: str) -> dict:
+    """The settings every stored model, set, cell and metric depends on (the lists of methods, IPCs, nets
+    and sweep values may grow between invocations: new cells are added, the old ones stay valid)."""
+    fp = {name: {k: v for k, v in dataclasses.asdict(getattr(cfg, name)).items() if k not in free}
+          for name, free in _FREE.items()}
+    fp["bench"] = {"repeats": cfg.repeats, "test": test, "feature_net": cfg.feature_net,
+                   "feature_epochs": cfg.feature_epochs, "coverage_k": cfg.coverage_k}
+    return json.loads(json.dumps(fp, default=str))
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def _is_export(spec: str) -> bool:
+    from ..models.io import EXPORT_CONFIG
+    from ..pretrained import resolve_model
+
+    path = resolve_model(spec)
+    if not (path.is_dir() and (path / EXPORT_CONFIG).is_file()):
+        return False
+    try:
+        return "class_names" in json.loads((path / EXPORT_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class _Bench:
+    """Shared state of one invocation: settings, data, feature space and the timing log."""
+
+    def __init__(self, cfg: BenchConfig, out: Path, test: str):
+        from ..data import open_dataset
+
+        self.cfg, self.out, self.test = cfg, out, test
+        ft = cfg.finetune
+        self.train_ds = open_dataset(ft.data, "train", ft.subset, ft.resolution, ft.skip_bad_images, ft.channels,
+                                     ft.labels)
+        self.timings: dict[str, float] = {}
+        path = out / "timings.json"
+        if path.is_file():
+            saved = read_json_object(path, what="delete it to drop the stored timings")
+            self.timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
+        self._features = None
+
+    def timed(self, name: str, fn: Callable, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = time.perf_counter() - t0
+        write_json_atomic(self.out / "timings.json", self.timings)
+        return result
+
+    # -- models and sets
+    def model(self, name: str, ft: TrainConfig, folder: Path) -> Path:
+        if (folder / "manifest.json").is_file():
+            log.info("model %s: already fine-tuned in %s", name, folder)
+            return folder
+        log.info("model %s: fine-tuning (memory=%s, %s steps) into %s", name, ft.memory, ft.steps, folder)
+        self.timed(f"finetune {name}", finetune, ft, folder,
+                   resume=(folder / "checkpoints" / "last.pt").exists(), overwrite=True)
+        return folder
+
+    def draw(self, method: str, model: str | None, ipc: int, folder: Path) -> Path:
+        """Make the image set of ``method`` with ``ipc`` images per class in ``folder``."""
+        if method in REAL_METHODS:
+            return self.timed(f"select {folder.name}", select_real, method, self.train_ds, ipc, self.cfg.sample.seed,
+                              folder, overwrite=True)
+        sample = dataclasses.replace(self.cfg.sample, model=model, ipc=ipc)
+        if method == "dit" and not _is_export(model):
+            # A bare pretrained checkpoint carries no class list or codec: take the fine-tuning data's.
+            ft = self.cfg.finetune
+            sample = dataclasses.replace(sample, subset=ft.subset, codec=ft.codec, vae=sample.vae or ft.vae)
+        return self.timed(f"sample {folder.name}", sample_set, sample, folder, overwrite=True)
+
+    def image_set(self, method: str, model: str | None, ipc: int, largest: int, sets: Path) -> Path:
+        folder = sets / f"{method}-ipc{ipc}"
+        if (folder / "manifest.json").is_file():
+            return folder
+        if ipc == largest:
+            return self.draw(method, model, ipc, folder)
+        # Image i of class c is drawn from its own seed (seed, c, i) when sampling, and the real baselines
+        # pick in a prefix-consistent order (baselines module): the first k images per class of the IPC-max
+        # set are the IPC-k set (up to the last-bit rounding of batched float kernels). So each method is
+        # drawn once, at the largest IPC, and the smaller sets are its prefixes.
+        source = self.image_set(method, model, largest, largest, sets)
+        return _prefix_set(source, ipc, folder)
+
+    # -- evaluation and metrics
+    def cell(self, path: Path, set_folder: Path, net: str, label: str) -> dict:
+        if path.is_file():
+            return read_json_object(path, CELL_KEYS, what="delete it to evaluate that cell again")
+        log.info("cell %s: evaluating %s, %d repeats", label, net, self.cfg.repeats)
+        config = dataclasses.replace(self.cfg.eval, net=net, repeats=self.cfg.repeats)
+        t0 = time.perf_counter()
+        result = self.timed(f"evaluate {label}", evaluate_image_set, set_folder, self.test, config,
+                            subset=self.cfg.finetune.subset)
+        result["wall_s"] = time.perf_counter() - t0
+        write_json_atomic(path, result)
+        log.info("cell %s: %.2f ± %.2f %%", label, result["best_mean"], result["best_std"])
+        return result
+
+    def set_metrics(self, path: Path, set_folder: Path, label: str) -> dict:
+        from ..imageset import read_image_set
+        from ..metrics import coverage, penultimate_features, within_class_diversity
+
+        if path.is_file():
+            data = read_json_object(path, {"coverage": NUMBER}, what="delete it to measure that set again")
+            if data.get("diversity") is not None and not isinstance(data["diversity"], NUMBER):
+                raise UserError(f"{path}: 'diversity' must be a number or null; delete it to measure that set again")
+            return data
+        extractor, real_f, real_y = self.feature_space()
+        t0 = time.perf_counter()
+        images, labels, _, _ = read_image_set(set_folder)
+        feats = penultimate_features(extractor, self._fit(images), device=resolve_device(self.cfg.eval.device))
+        result = {"diversity": _nan_to_none(within_class_diversity(feats, labels)),
+                  "coverage": coverage(real_f, real_y, feats, labels, self.cfg.coverage_k),
+                  "k": self.cfg.coverage_k, "feature_net": self.cfg.feature_net, "set": str(set_folder)}
+        self.timings[f"metrics {label}"] = time.perf_counter() - t0
+        write_json_atomic(self.out / "timings.json", self.timings)
+        write_json_atomic(path, result)
+        return result
+
+    def _fit(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at the feature classifier's resolution (the real train split's)."""
+        from ..augment import resize_center_crop
+
+        side = self.train_ds.resolution
+        return images if images.shape[-1] == side and images.shape[-2] == side else resize_center_crop(images, side)
+
+    def feature_space(self):
+        """(extractor, real test features (N, D), test labels (N,)); the extractor is trained once and cached."""
+        if self._features is not None:
+            return self._features
+        from ..data import load_tensors, open_dataset
+        from ..metrics import classifier_accuracy, penultimate_features, train_feature_extractor
+        from ..nets import build_net
+
+        cfg, folder = self.cfg, self.out / "features"
+        test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution,
+                               channels=self.train_ds.channels)
+        test_x, test_y = load_tensors(test_ds)
+        small = [(n, int((test_y == c).sum())) for c, n in enumerate(test_ds.class_names)
+                 if int((test_y == c).sum()) <= cfg.coverage_k]
+        if small:
+            raise UserError(f"coverage with k={cfg.coverage_k} needs more than {cfg.coverage_k} real test images per "
+                            f"class; class {small[0][0]!r} has {small[0][1]}: lower --coverage-k or pass --no-metrics")
+        k, channels, side = self.train_ds.num_classes, self.train_ds.channels, self.train_ds.resolution
+        spec = {"net": cfg.feature_net, "epochs": cfg.feature_epochs, "seed": cfg.eval.seed,
+                "data": self.train_ds.identity, "num_classes": k, "channels": channels, "resolution": side}
+        model = build_net(cfg.feature_net, k, channels, side)
+        path = folder / "extractor.pt"
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        try:
+            cached = json.loads(saved["spec"]) == spec and isinstance(saved["state_dict"], dict)
+        except (TypeError, KeyError, ValueError):
+            cached = False  # no cache, or one of another shape: train the extractor again
+        if cached:
+            model.load_state_dict(saved["state_dict"])
+            model = model.to(resolve_device(cfg.eval.device)).eval()
+            log.info("feature extractor: cached in %s", path)
+        else:
+            train_x, train_y = load_tensors(self.train_ds)
+            g = torch.Generator().manual_seed(cfg.eval.seed)
+            log.info("feature extractor: training %s for %d epochs on %d real images", cfg.feature_net,
+                     cfg.feature_epochs, len(train_y))
+            model = self.timed("feature extractor", train_feature_extractor, train_x, train_y, k, cfg.feature_net,
+                               cfg.feature_epochs, device=resolve_device(cfg.eval.device), generator=g)
+            acc = classifier_accuracy(model, test_x, test_y, device=resolve_device(cfg.eval.device))
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
+                       tmp)
+            os.replace(tmp, path)
+            write_json_atomic(folder / "extractor.json", {**spec, "test_top1": acc})
+            log.info("feature extractor: %.2f %% top-1 on the real test set", acc)
+        real_f = penultimate_features(model, test_x, device=resolve_device(cfg.eval.device))
+        self._features = (model, real_f, test_y)
+        return self._features
+
+    def extractor_info(self) -> dict | None:
+        path = self.out / "features" / "extractor.json"
+        return read_json_object(path, {"net": str, "epochs": int, "test_top1": NUMBER},
+                                what="delete the features folder to train the extractor again") if path.is_file() else None
+
+
+# Keys of a cells/*.json that the tables read.
+
+
+# Keys of a cells/*.json that the tables read.
+CELL_KEYS = {"best_mean": NUMBER, "best_std": NUMBER, "last_mean": NUMBER, "last_std": NUMBER, "per_repeat": list,
+             "epochs": int}
+
+
+def _prefix_set(source: Path, k: int, out: Path) -> Path:
+    """The first ``k`` images of every class of the set ``source``, written as the set ``out``."""
+    from ..imageset import read_image_set, write_image_set
+
+    images, labels, class_names, manifest = read_image_set(source)
+    keep = torch.cat([(labels == c).nonzero().flatten()[:k] for c in range(len(class_names))])  # read in index order
+    fields = {key: v for key, v in manifest.items()
+              if key not in ("versions", "class_names", "channels", "resolution", "counts", "ipc")}
+    fields["config"] = dict(fields.get("config") or {}, ipc=k)
+    if "source_indices" in fields:
+        fields["source_indices"] = [picks[:k] for picks in fields["source_indices"]]
+    fields["prefix_of"] = str(source)
+    return write_image_set(out, images[keep], labels[keep], class_names, fields, overwrite=True)
+
+
+def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -> _Bench:
+    """Check everything (options, the output folder, the data against the IPCs, the nets), then, only then,
+    prepare ``out``: a refused command writes nothing."""
+    from ..nets import build_net
+
+    cfg.validate()
+    out = check_output_folder(out)
+    ft = cfg.finetune
+    test = resolve_test_set(ft.data, cfg.test)
+    if "dit" in cfg.method_list() or set(MEMORY_OF) & set(cfg.method_list()) or cfg.sweep:
+        if ft.init is None:
+            raise UserError("bench needs --init (the pretrained model) for the dit, minimax and adaptive methods")
+    fingerprint = _fingerprint(cfg, test)
+    refuse_existing(out, "a bench", overwrite=overwrite, resume=resume)
+    if resume and (out / "config.json").is_file():
+        refuse_changed_settings(read_json_object(out / "config.json", what="pass --overwrite to start afresh"),
+                                fingerprint)
+
+    bench = _Bench(cfg, out, test)
+    ds = bench.train_ds
+    ipcs = [cfg.sweep_ipc] if cfg.sweep else cfg.ipc_list()
+    real = [m for m in cfg.method_list() if m in REAL_METHODS] if not cfg.sweep else []
+    counts = [int((ds.targets == c).sum()) for c in range(ds.num_classes)]
+    if real and max(ipcs) > min(counts):
+        c = counts.index(min(counts))
+        raise UserError(f"IPC {max(ipcs)} exceeds the {min(counts)} real images of class {ds.class_names[c]!r} that "
+                        f"the {real[0]} baseline draws from")
+    # Every net (and the feature net) is built once up front, so a bad name or depth fails before any work.
+    for net in cfg.net_list():
+        build_net(net, ds.num_classes, ds.channels, cfg.eval.image_size or ds.resolution, cfg.eval.norm)
+    if cfg.metrics:
+        build_net(cfg.feature_net, ds.num_classes, ds.channels, ds.resolution)
+
+    # Every check passed: from here on the command writes.
+    if not resume and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # refuse_existing let it through: --overwrite
+        bench.timings = {}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", fingerprint)
+    return bench

@@ -1,0 +1,117 @@
+"""The bench's settings: methods, IPCs, nets, repeats, the metrics and the sweep, validated."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..checks import flag, require_finite
+from ..errors import UserError
+from ..evaluate import EvalConfig
+from ..finetune import finetune_defaults
+from ..sample import SampleConfig
+from ..train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+METHODS = ("random", "herding", "dit", "minimax", "adaptive")
+# Opt-in controls, not in the default grid: "finetune" is the same fine-tuning without memory losses, which
+# separates what the memories do from what fine-tuning alone does.
+EXTRA_METHODS = ("finetune",)
+REAL_METHODS = ("random", "herding")
+# the fine-tuned methods and their memory strategy
+MEMORY_OF = {"finetune": "none", "minimax": "fifo", "adaptive": "adaptive"}
+LABELS = {"random": "Random", "herding": "Herding", "dit": "DiT", "finetune": "Fine-tune (no memory)",
+          "minimax": "Minimax", "adaptive": "Adaptive"}
+SWEEP_PARAMETERS = ("lambda_real", "lambda_gen", "memory")
+TIE_RULE = ("Bold: the best mean of the row and every method whose mean lies within one standard deviation "
+            "(over repeats) of it; differences smaller than that spread are ties at this number of repeats.")
+
+
+@dataclass
+class BenchConfig:
+    methods: str = ",".join(METHODS)
+    ipcs: str = "1,10,50"
+    nets: str = "convnet3"
+    repeats: int = 3
+    test: str | None = None  # real test images: None = the embedded dataset's test split; else a folder
+    # diversity / coverage, in the feature space of a classifier trained on the real train split
+    metrics: bool = True
+    feature_net: str = "convnet3"
+    feature_epochs: int = 5
+    coverage_k: int = 5
+    # sensitivity sweep (paper Figure 4): adaptive memory, one IPC, the first net; '' skips a parameter
+    sweep: bool = False
+    sweep_ipc: int = 10
+    sweep_lambda_real: str = "0,0.001,0.002,0.004,0.008"
+    sweep_lambda_gen: str = "0,0.004,0.008,0.016,0.032"
+    sweep_memory: str = "16,32,64,128"  # N_R = N_G
+    finetune: TrainConfig = field(default_factory=finetune_defaults)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # epochs None: the protocol's table (METHOD.md section 7)
+
+    def method_list(self) -> list[str]:
+        names = _split(self.methods, "method", str)
+        allowed = METHODS + EXTRA_METHODS
+        bad = [m for m in names if m not in allowed]
+        if bad or not names:
+            raise UserError(f"unknown method {bad[0]!r} in --method; allowed: {', '.join(allowed)} (comma-separated)"
+                            if bad else f"--method is empty; allowed: {', '.join(allowed)}")
+        return list(dict.fromkeys(names))
+
+    def ipc_list(self) -> list[int]:
+        ipcs = _split(self.ipcs, "ipc", int)
+        if not ipcs or min(ipcs) < 1:
+            raise UserError(f"--ipc must be positive integers such as 1,10,50; got {self.ipcs!r}")
+        return sorted(set(ipcs))
+
+    def net_list(self) -> list[str]:
+        nets = list(dict.fromkeys(_split(self.nets, "eval-net", str)))
+        if not nets:
+            raise UserError("--eval-net is empty; give e.g. convnet3 or convnet6,resnetap10,resnet18")
+        return nets
+
+    def sweep_points(self) -> list[tuple[str, float | int]]:
+        """(parameter, value) for every sweep point, parameter by parameter."""
+        points: list[tuple[str, float | int]] = []
+        for name in SWEEP_PARAMETERS:
+            values = _split(getattr(self, f"sweep_{name}"), f"sweep-{name.replace('_', '-')}",
+                            int if name == "memory" else float)
+            if name != "memory":
+                for v in values:
+                    require_finite(flag(f"sweep_{name}"), v, low=0)
+            if any(v < (1 if name == "memory" else 0) for v in values):
+                raise UserError(f"--sweep-{name.replace('_', '-')} values must be "
+                                f"{'>= 1' if name == 'memory' else '>= 0'}, got {values}")
+            points += [(name, v) for v in dict.fromkeys(values)]
+        if not points:
+            raise UserError("the sweep has no points: give at least one of --sweep-lambda-real, "
+                            "--sweep-lambda-gen, --sweep-memory")
+        return points
+
+    def validate(self) -> None:
+        self.method_list(), self.ipc_list(), self.net_list()
+        if self.repeats < 1:
+            raise UserError(f"--eval-repeats must be at least 1, got {self.repeats}")
+        if self.feature_epochs < 1:
+            raise UserError(f"--feature-epochs must be at least 1, got {self.feature_epochs}")
+        if self.coverage_k < 1:
+            raise UserError(f"--coverage-k must be at least 1, got {self.coverage_k}")
+        if self.sweep:
+            if self.sweep_ipc < 1:
+                raise UserError(f"--sweep-ipc must be at least 1, got {self.sweep_ipc}")
+            self.sweep_points()
+        self.finetune.validate()
+        self.sample.validate(prefix="sample-")
+        self.eval.validate(prefix="eval-")
+
+
+def _split(text: str, name: str, kind: type) -> list:
+    try:
+        return [kind(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"--{name} must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
+
+
+# ----- the table, the plots ---------------------------------------------------------------------------------
