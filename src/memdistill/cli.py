@@ -100,6 +100,9 @@ TRAIN_HELP = {
     "steps": "optimisation steps (overrides --epochs)",
     "epochs": "passes over the training images",
     "device": "auto, cpu or cuda",
+    "precision": "auto, fp32, tf32 or bf16: tf32 = TensorFloat-32 matrix products (CUDA only; fp32 elsewhere), "
+                 "bf16 = bfloat16 autocast of the DiT forward (the losses, memories and eviction stay fp32) "
+                 "(default: auto = tf32 on CUDA, fp32 on the CPU)",
 }
 
 
