@@ -74,6 +74,7 @@ def build_stand_ins(root: Path, model: str, vae: str, images: int, val_images: i
 def run_stage(name: str, args: list[str], work: Path) -> dict:
     """Run ``memdistill <args>`` in a child process; its wall time and peak memory."""
     report = work / f"stage-{name}.json"
+    print("$ memdistill " + " ".join(args), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--stage", str(report), "--", *args], capture_output=True,
                           text=True)
@@ -168,6 +169,9 @@ def main() -> None:
                                                                precision, "--out", str(out)], work)
         times = step_times(out)
         row["step_s"] = statistics.median(times[1:])
+        ran = json.loads((out / "manifest.json").read_text())["precision"]  # tf32 is fp32 off CUDA
+        if ran != precision:
+            row["stage"] += f" (ran {ran})"
         precision_rows.append(row)
 
     print()
@@ -181,8 +185,9 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if precision_rows:
         base = precision_rows[0]["step_s"]
-        print("fine-tuning step time relative to " + precision_rows[0]["stage"].split()[-1] + ": "
-              + ", ".join(f"{r['stage'].split()[-1]} {r['step_s'] / base:.2f}x" for r in precision_rows))
+        names = [r["stage"].removeprefix("finetune --precision ") for r in precision_rows]
+        print(f"fine-tuning step time relative to {names[0]}: "
+              + ", ".join(f"{n} {r['step_s'] / base:.2f}x" for n, r in zip(names, precision_rows)))
     finetune_step = rows[2]["step_s"]
     per_image = rows[3]["wall_s"] / 10 / args.sample_steps  # s per image and sampling step (incl. loading)
     print(f"extrapolated paper run at batch {args.batch_size}: fine-tuning 12,000 steps ~ "

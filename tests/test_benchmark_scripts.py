@@ -77,3 +77,42 @@ def test_bench_cpu_quick_prints_every_comparison(monkeypatch, capsys):
     ratios = [float(x) for x in re.findall(r" x ?(\d+\.\d+)", out)]
     assert len(ratios) == 7 and all(r > 0 for r in ratios)
     assert "same weights with the allocator tuned and default: True" in out
+
+
+@pytest.mark.slow
+def test_paper_scale_runs_every_stage_and_keeps_a_lean_resume_state(tmp_path):
+    """benchmarks/paper_scale.py, reduced (DiT-S/2 stand-in, tiny VAE, one image per class, two steps): every
+    stage runs and is reported, and the resume state holds the tuned parameters only."""
+    import os
+    import subprocess
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "paper_scale.py"), "--model", "DiT-S/2",
+                           "--vae", "tiny", "--images", "1", "--val-images", "1", "--steps", "2", "--batch-size", "2",
+                           "--sample-steps", "2", "--precisions", "fp32,bf16", "--device", "cpu",
+                           "--workdir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| stage")}
+    assert list(rows) == ["build stand-ins", "finetune (encode + first half)", "finetune --resume (cache hit)",
+                          "sample", "evaluate", "finetune --precision fp32", "finetune --precision bf16"]
+    assert all(float(cells[0]) > 0 for cells in rows.values())  # wall s
+    assert all(float(cells[3]) > 0 for name, cells in rows.items() if name != "build stand-ins")  # peak RSS
+    resume = rows["finetune --resume (cache hit)"]
+    assert float(resume[1]) > 0 and float(rows["sample"][2]) > 0  # step s, images/s
+    assert re.search(r"^fine-tuning step time relative to fp32: fp32 1\.00x, bf16 [\d.]+x$", done.stdout, re.M)
+    assert "extrapolated paper run at batch 2: fine-tuning 12,000 steps ~" in done.stdout
+    assert done.stdout.count("$ memdistill finetune ") == 4 and "$ memdistill evaluate " in done.stdout
+
+    last = tmp_path / "runs" / "woof-adaptive" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["step"] == 2 and state["frozen"]["keys"] > 0
+    init_bytes = (tmp_path / "stand" / "DiT-256x256.pt").stat().st_size
+    # a full state held the 33M weights twice (model, EMA): 260 MB; the lean one ~ 4 x 0.46M tuned + memories
+    assert last.stat().st_size < 0.1 * init_bytes
+    assert abs(float(resume[5]) - last.stat().st_size / 2**20) < 0.1  # the table's checkpoint MB
+    manifest = json.loads((tmp_path / "runs" / "precision-bf16" / "manifest.json").read_text())
+    assert manifest["precision"] == "bf16"

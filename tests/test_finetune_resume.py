@@ -225,3 +225,104 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tiny_model, t
     assert not (cut / "export").exists()
     assert main(finetune_args(tiny_model, cut, 12, *args, "--resume")) == 0
     assert_same_run(ref, cut, 12)
+
+
+# ----- lean resume states under DiffFit ---------------------------------------------------------------------
+def _tensor_bytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def _tuned_names(init) -> tuple[set[str], int, int]:
+    """The parameters --train difffit tunes, and the entries and bytes of the whole model's state dict."""
+    from memdistill.models.dit import set_trainable
+    from memdistill.models.io import load_dit
+
+    model = load_dit(init)
+    set_trainable(model, "difffit")
+    sd = model.state_dict()
+    return {n for n, p in model.named_parameters() if p.requires_grad}, len(sd), _tensor_bytes(sd)
+
+
+def test_a_difffit_resume_state_holds_only_the_tuned_parameters(tiny_model, tmp_path):
+    lean, full = tmp_path / "difffit", tmp_path / "all"
+    assert main(finetune_args(tiny_model, lean, 2, "--memory", "adaptive", "--checkpoint-every", 2)) == 0
+    assert main(finetune_args(tiny_model, full, 2, "--memory", "adaptive", "--checkpoint-every", 2,
+                              "--train", "all")) == 0
+    tuned, entries, model_bytes = _tuned_names(tiny_model)
+    s = state(lean)
+    assert set(s["model"]) == set(s["ema"]) == tuned  # no frozen weight, in the model or its EMA
+    assert s["frozen"]["init"] == str(tiny_model) and len(s["frozen"]["sha256"]) == 64
+    assert s["frozen"]["keys"] == entries - len(tuned)
+    moments = [[v[k] for k in ("exp_avg", "exp_avg_sq")] for v in s["opt"]["state"].values()]
+    tuned_bytes = _tensor_bytes(s["model"])
+    assert _tensor_bytes(s["ema"]) == tuned_bytes and _tensor_bytes(moments) == 2 * tuned_bytes
+    weights = _tensor_bytes([s["model"], s["ema"], s["opt"]])
+    # the frozen weights, twice (model and EMA), are what a full state would add
+    size = (lean / "checkpoints" / "last.pt").stat().st_size
+    assert size < weights + _tensor_bytes(s["memories"]) + 64 * 1024
+    assert size + 2 * (model_bytes - tuned_bytes) > 2 * size
+    assert state(full)["frozen"] is None and set(state(full)["model"]) == set(state(full)["ema"])
+
+
+def test_train_all_saves_everything_and_resumes_bit_identically(tiny_model, tmp_path):
+    args = ["--memory", "fifo", "--checkpoint-every", 3, "--train", "all"]
+    ref, split = tmp_path / "straight", tmp_path / "split"
+    assert main(finetune_args(tiny_model, ref, 6, *args)) == 0
+    assert main(finetune_args(tiny_model, split, 3, *args)) == 0
+    assert state(split)["frozen"] is None
+    assert set(state(split)["model"]) == set(state(split)["ema"]) and len(state(split)["model"]) > len(_tuned_names(tiny_model)[0])
+    assert main(finetune_args(tiny_model, split, 6, *args, "--resume")) == 0
+    assert_same_run(ref, split, 6)
+
+
+def _copy_init(tiny_model, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_model, folder)
+    return folder
+
+
+def test_resume_refuses_a_changed_init_checkpoint(tiny_model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    init, out = _copy_init(tiny_model, tmp_path / "init"), tmp_path / "run"
+    args = ["--memory", "fifo", "--checkpoint-every", 2]
+    assert main(finetune_args(init, out, 2, *args)) == 0
+    tuned = _tuned_names(init)[0]
+    weights = load_file(init / "model.safetensors")
+    frozen = next(k for k in sorted(weights) if k not in tuned and k.endswith("weight"))
+    save_file({**weights, frozen: weights[frozen] + 1e-3}, init / "model.safetensors")  # same path, other content
+    capsys.readouterr()
+    assert main(finetune_args(init, out, 4, *args, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0] and "differ" in err[0] and "--overwrite" in err[0], err
+    assert state(out)["step"] == 2  # nothing was overwritten
+    # the original content back: the run continues
+    save_file(weights, init / "model.safetensors")
+    assert main(finetune_args(init, out, 4, *args, "--resume")) == 0
+
+
+def test_a_full_state_of_an_older_version_still_resumes_under_difffit(tiny_model, tmp_path):
+    """States saved before the lean format hold every weight: they load whole, and the run goes on identically."""
+    args = ["--memory", "adaptive", "--checkpoint-every", 3]
+    ref, old = tmp_path / "straight", tmp_path / "old"
+    assert main(finetune_args(tiny_model, ref, 6, *args)) == 0
+    assert main(finetune_args(tiny_model, old, 3, *args)) == 0
+    from memdistill.models.dit import set_trainable
+    from memdistill.models.io import load_dit
+
+    s = state(old)
+    model = load_dit(tiny_model)
+    set_trainable(model, "difffit")
+    full = {**model.state_dict(), **s["model"]}
+    full_ema = {**model.state_dict(), **s["ema"]}
+    del s["frozen"]
+    torch.save({**s, "model": full, "ema": full_ema}, old / "checkpoints" / "last.pt")
+    assert main(finetune_args(tiny_model, old, 6, *args, "--resume")) == 0
+    assert_same_run(ref, old, 6)

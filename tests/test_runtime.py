@@ -142,12 +142,15 @@ def digit_set(tmp_path_factory):
 @pytest.mark.parametrize("argv", [["evaluate", "--train", "SET", "--test", "digits", "--precision", "fp16"],
                                   ["sample", "--precision", "half"],
                                   ["run", "--eval-precision", "fp64"], ["run", "--sample-precision", "int8"],
-                                  ["bench", "--eval-precision", "bfloat16"]])
+                                  ["bench", "--eval-precision", "bfloat16"],
+                                  ["finetune", "--data", "digits", "--precision", "fp16"],
+                                  ["pretrain", "--data", "digits", "--precision", "TF32"],
+                                  ["run", "--data", "digits", "--precision", "half"]])
 def test_bad_precision_is_one_line_and_exit_2(argv, capsys, tmp_path, digit_set):
     argv = [str(digit_set) if a == "SET" else a for a in argv]
     assert main(argv + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--precision must be one of fp32, bf16" in err[0], err
+    assert len(err) == 1 and "--precision must be one of auto, fp32, tf32, bf16" in err[0], err
     assert not (tmp_path / "o").exists()
 
 
@@ -210,3 +213,75 @@ def test_evaluate_and_bench_default_to_the_protocol_epochs(ipc, epochs):
     assert resolved_epochs(BenchConfig().eval, labels) == epochs
     override = config_from_namespace(build_parser().parse_args(["bench", "--eval-epochs", "7"]))
     assert resolved_epochs(override.eval, labels) == 7
+
+
+# ----- precision of fine-tuning -----------------------------------------------------------------------------
+def test_auto_precision_is_tf32_on_cuda_and_fp32_elsewhere():
+    from memdistill.runtime import resolve_precision
+
+    assert [resolve_precision(p, "cuda") for p in ("auto", "fp32", "tf32", "bf16")] == ["tf32", "fp32", "tf32", "bf16"]
+    assert [resolve_precision(p, "cpu") for p in ("auto", "fp32", "tf32", "bf16")] == ["fp32", "fp32", "fp32", "bf16"]
+
+
+def test_tf32_flags_are_set_on_cuda_only_and_put_back():
+    from memdistill.runtime import autocast, matmul_precision
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    for precision, inside in (("tf32", (True, True)), ("auto", (True, True)), ("fp32", (False, False))):
+        with matmul_precision("cuda", precision):
+            assert flags() == inside
+        assert flags() == before
+    with autocast("cuda", "fp32"):
+        assert flags() == (False, False)
+    with matmul_precision("cpu", "tf32"), autocast("cpu", "tf32"):
+        assert flags() == before and not torch.is_autocast_enabled("cpu")
+    with autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def _finetune(tiny_model, out, *extra):
+    from test_finetune_resume import finetune_args
+
+    return main(finetune_args(tiny_model, out, 4, "--memory", "adaptive", "--checkpoint-every", 4, *extra))
+
+
+def _losses(out):
+    return [json.loads(line)["diffusion"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_fine_tuning_is_close_to_fp32_and_recorded(tiny_model, tmp_path, monkeypatch):
+    import memdistill.losses as losses
+
+    seen = []
+    real = losses.memory_loss
+
+    def memory_loss(pred, labels, memories, *args, **kwargs):
+        seen.append(pred.dtype)
+        return real(pred, labels, memories, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "memory_loss", memory_loss)
+    assert _finetune(tiny_model, tmp_path / "fp32") == 0
+    assert _finetune(tiny_model, tmp_path / "bf16", "--precision", "bf16") == 0
+    assert seen == [torch.float32] * 8  # the memory losses (and updates) get fp32 predictions under bf16 too
+    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+    assert fp32 != bf16  # bf16 did run
+    assert all(abs(a - b) <= 0.02 * abs(a) for a, b in zip(fp32, bf16)), (fp32, bf16)
+    manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert manifest["precision"] == "bf16" and manifest["config"]["precision"] == "bf16"
+    manifest = json.loads((tmp_path / "fp32" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["config"]["precision"] == "auto"  # auto on the CPU
+    # the memories hold fp32 entries
+    last = torch.load(tmp_path / "bf16" / "checkpoints" / "last.pt", weights_only=True)
+    entries = [b["entries"] for kind in ("real", "gen") for b in last["memories"][kind].values()
+               if b.get("entries") is not None]
+    assert entries and all(e.dtype == torch.float32 for e in entries)
+
+
+def test_tf32_on_the_cpu_is_fp32_and_says_so(tiny_model, tmp_path, caplog):
+    assert _finetune(tiny_model, tmp_path / "fp32", "--precision", "fp32") == 0
+    with caplog.at_level("WARNING"):
+        assert _finetune(tiny_model, tmp_path / "tf32", "--precision", "tf32") == 0
+    assert any("tf32 applies to CUDA only" in r.getMessage() for r in caplog.records)
+    assert _losses(tmp_path / "fp32") == _losses(tmp_path / "tf32")
+    assert json.loads((tmp_path / "tf32" / "manifest.json").read_text())["precision"] == "fp32"

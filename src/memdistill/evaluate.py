@@ -81,7 +81,7 @@ class EvalConfig:
     repeats: int = 3
     seed: int = 0
     device: str = "auto"  # as every stage: CUDA when available
-    precision: str = "fp32"  # fp32 | bf16: autocast of the classifier's forward passes (training and test checks)
+    precision: str = "auto"  # runtime.PRECISIONS for the classifier's forward passes; auto = tf32 on CUDA, else fp32
     compile: bool = False  # torch.compile the training forward (pays off only for long runs; see benchmarks.md)
 
     def validate(self, prefix: str = "") -> None:

@@ -112,6 +112,9 @@ TRAIN_HELP = {
     "log_every": "write a line of metrics.jsonl every this many steps",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "progress": "show a progress bar",
+    "precision": "auto, fp32, tf32 or bf16: tf32 = TensorFloat-32 matrix products (CUDA only; fp32 elsewhere), "
+                 "bf16 = bfloat16 autocast of the DiT forward (the losses, memories and eviction stay fp32) "
+                 "(default: auto = tf32 on CUDA, fp32 on the CPU)",
 }
 
 SAMPLE_HELP = {
@@ -126,7 +129,9 @@ SAMPLE_HELP = {
     "seed": "seed of the per-image noise (image i of class c always gets the same noise)",
     "batch_size": "images sampled at once (does not change the images)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "precision": "fp32 or bf16: autocast of the DiT's forward passes (the sampler's arithmetic stays fp32)",
+    "precision": "auto, fp32, tf32 or bf16 for the DiT's forward passes: tf32 = TensorFloat-32 matrix products (CUDA "
+                 "only; fp32 elsewhere), bf16 = bfloat16 autocast; the sampler's arithmetic stays fp32 "
+                 "(default: auto = tf32 on CUDA, fp32 on the CPU)",
     "subset": "class list for a checkpoint without an export config (default: none, the export's own)",
     "codec": "pixel or vae, for a checkpoint without an export config (default: none, the export's own)",
     "vae": "local AutoencoderKL folder used to decode (default: none, the export's own)",
@@ -152,7 +157,9 @@ EVAL_HELP = {
     "repeats": "classifiers trained, each with its own seed",
     "seed": "seed of the first classifier (repeat r uses seed + r)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "precision": "fp32 or bf16: autocast of the classifier's forward passes (training and test checks)",
+    "precision": "auto, fp32, tf32 or bf16 for the classifier's forward passes (training and test checks): tf32 = "
+                 "TensorFloat-32 matrix products (CUDA only), bf16 = bfloat16 autocast (default: auto = tf32 on "
+                 "CUDA, fp32 on the CPU)",
     "compile": "torch.compile the classifier (pays off only for long runs)",
 }
 

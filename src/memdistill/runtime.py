@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 THREADS_ENV = "MEMDISTILL_THREADS"
 MALLOC_ENV = "MEMDISTILL_MALLOC"
 MALLOC_MODES = ("tuned", "default")
-PRECISIONS = ("fp32", "bf16")
+# auto: tf32 on CUDA, fp32 elsewhere (resolve_precision).
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -170,20 +171,72 @@ def runtime_info() -> dict:
 
 # ----- precision --------------------------------------------------------------------------------------------
 def check_precision(value: str, option: str = "--precision") -> str:
-    """fp32 or bf16; UserError naming ``option`` otherwise."""
+    """auto, fp32, tf32 or bf16; UserError naming ``option`` otherwise."""
     if value not in PRECISIONS:
         raise UserError(f"{option} must be one of {', '.join(PRECISIONS)}, got {value!r}")
     return value
 
 
-def autocast(device, precision: str):
-    """Context for a forward pass at ``precision``: bf16 autocast on the device's type (CPU or CUDA) -- matrix
-    products and convolutions in bfloat16, losses and reductions kept in fp32 by autocast's own lists -- or
-    nothing for fp32."""
+def resolve_precision(precision: str, device) -> str:
+    """The precision a stage runs at on ``device``: ``auto`` is tf32 on CUDA and fp32 elsewhere; tf32 exists on
+    CUDA only (TensorFloat-32 matrix products on Ampere and later), so elsewhere it means fp32. Raises UserError
+    for an unknown ``precision``."""
     import torch
 
     check_precision(precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16)
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        return "tf32" if cuda else "fp32"
+    if precision == "tf32" and not cuda:
+        return "fp32"
+    return precision
+
+
+def announce_precision(precision: str, device) -> str:
+    """``resolve_precision`` plus one log line saying what was chosen (a warning when tf32 was asked for where
+    it does not exist). Call once per stage."""
+    import torch
+
+    resolved = resolve_precision(precision, device)
+    if precision == "tf32" and resolved == "fp32":
+        log.warning("--precision tf32 applies to CUDA only; running in fp32 on %s", torch.device(device))
+    else:
+        log.info("precision: %s%s on %s", resolved, " (auto)" if precision == "auto" else "", torch.device(device))
+    return resolved
+
+
+@contextlib.contextmanager
+def matmul_precision(device, precision: str):
+    """While active on a CUDA ``device``: TF32 matrix products and convolutions for tf32 and bf16 (which leaves
+    autocast's fp32 ops on TF32 too), strict fp32 for fp32; the previous settings come back on exit. Nothing on
+    other devices (their fp32 is always fp32). Setting the flags costs no device sync."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    fast = resolve_precision(precision, device) in ("tf32", "bf16")
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = fast
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def autocast(device, precision: str):
+    """Context for a forward pass at ``precision`` (resolved as by ``resolve_precision``): bf16 autocast on the
+    device's type (CPU or CUDA) -- matrix products and convolutions in bfloat16, losses and reductions kept in
+    fp32 by autocast's own lists; tf32: TF32 matrix products on CUDA; fp32: strict fp32. On CUDA the TF32
+    settings of ``matmul_precision`` hold inside it."""
+    import torch
+
+    resolved = resolve_precision(precision, device)
+    with matmul_precision(device, resolved):
+        if resolved == "bf16":
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
 from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
 from .memory import NonFiniteEntry
+from .runtime import announce_precision, autocast, check_precision, matmul_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ MEMORY_CHOICES = ("adaptive", "fifo", "none")
 TRAIN_CHOICES = ("difffit", "all")
 # Options that change how a run is observed, not what it computes: a resume may change them.
 # `steps` and `epochs` only say where to stop (no schedule depends on them), so a run can be extended.
-RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress", "steps", "epochs"}
+# `precision`, like `device`, changes how the arithmetic is done (a run started on a GPU may go on on a CPU).
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "precision", "progress", "steps", "epochs"}
 
 
 @dataclass
@@ -79,6 +82,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 10
     device: str = "auto"
+    # runtime.PRECISIONS: auto (tf32 on CUDA, fp32 elsewhere), fp32, tf32 or bf16 (autocast of the DiT forward;
+    # the diffusion and memory losses and the memory updates stay fp32)
+    precision: str = "auto"
     progress: bool = True
     stage: str = field(default="train")
 
@@ -103,6 +109,7 @@ class TrainConfig:
             require_int(opt(name), getattr(self, name), low=1)
         require_int(opt("steps"), self.steps, low=1, optional=True)
         require_int(opt("memory_max_t"), self.memory_max_t, 1, NUM_TIMESTEPS, optional=True)
+        check_precision(self.precision, opt("precision"))
 
 
 # ----- distributed helpers ---------------------------------------------------------------------------
@@ -244,6 +251,58 @@ def save_atomic(obj, path: Path) -> None:
 RESUME_KEYS = ("model", "ema", "opt", "memories", "rng", "step", "config")
 
 
+def frozen_record(model: torch.nn.Module, init: str | None) -> dict | None:
+    """What a lean resume state needs to know about the weights it leaves out: None when every parameter is
+    trained; else ``{"init": init, "keys": n, "sha256": hex}``, the sha256 over the frozen entries of the
+    model's state dict (frozen parameters and buffers) in key order, each with its name, dtype and shape.
+
+    Hashing reads every frozen byte once (2.7 GB, a few seconds, at DiT-XL/2): call it once per run, on the
+    weights as loaded (before they move to a GPU)."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if all(p.requires_grad for p in model.parameters()):
+        return None
+    digest = hashlib.sha256()
+    frozen = {k: v for k, v in model.state_dict().items() if k not in trainable}
+    for key in sorted(frozen):
+        t = frozen[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return {"init": init, "keys": len(frozen), "sha256": digest.hexdigest()}
+
+
+def trainable_state(module: torch.nn.Module, names: set[str] | None) -> dict:
+    """``module``'s state dict, limited to ``names`` (the trained parameters) unless that is None (keep all)."""
+    state = module.state_dict()
+    return state if names is None else {k: v for k, v in state.items() if k in names}
+
+
+def load_weights(module: torch.nn.Module, saved: dict, frozen: dict | None, what: str, path: Path) -> None:
+    """Load ``saved`` into ``module``: all of it for a full state; for a lean one (``frozen``, its record of
+    the left-out weights, is not None) the trained entries only, the rest staying as ``module`` holds them
+    (the init weights). UserError when ``saved`` does not hold exactly what it should."""
+    if frozen is None:
+        module.load_state_dict(saved)
+        return
+    missing, unexpected = module.load_state_dict(saved, strict=False)
+    if unexpected or len(missing) != frozen["keys"]:
+        raise UserError(f"{path} does not match the model: its {what} has {len(saved)} tuned entries "
+                        f"({len(unexpected)} unknown); start again with --overwrite or another --out")
+
+
+def check_frozen(saved: dict | None, current: dict | None, path: Path) -> None:
+    """Refuse (UserError) to resume a lean state onto weights other than those it was trained from."""
+    if saved is None:
+        return
+    if current is None:
+        raise UserError(f"{path} holds only the tuned parameters of a --train difffit run; resume it with "
+                        "--train difffit, or start again with --overwrite or another --out")
+    if saved["sha256"] != current["sha256"] or saved["keys"] != current["keys"]:
+        raise UserError(f"--resume: the frozen weights of --init {current['init']} differ from those the run "
+                        f"started from (sha256 {current['sha256'][:12]}, was {saved['sha256'][:12]}): {path} holds "
+                        "only the tuned parameters, so it continues only from the same init checkpoint. Put the "
+                        "original back, or start again with --overwrite or another --out")
+
+
 def load_resume_state(path: Path) -> dict:
     """The resume state at ``path`` with every tensor on the CPU (the caller moves what it needs).
 
@@ -349,6 +408,12 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     steps = total_steps(cfg, n)
     local = cfg.batch_size // world
 
+    precision = (announce_precision if rank == 0 else resolve_precision)(cfg.precision, device)
+    # Under DiffFit the resume state holds only what changes (the tuned parameters, their EMA, the optimiser,
+    # the memories); the frozen weights come back from --init, whose content the record's hash pins down.
+    # (--train all keeps whole states: its only frozen weight is the fixed positional table.)
+    frozen = frozen_record(model, cfg.init) if cfg.train != "all" else None
+    tuned = None if frozen is None else {n for n, p in model.named_parameters() if p.requires_grad}
     diffusion = GaussianDiffusion()
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -368,8 +433,11 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         # Loaded on the CPU, then each part goes where it lives: load_state_dict copies the weights onto the
         # model's device, AdamW moves its moments beside their parameters, the RNG states stay on the host.
         state = load_resume_state(state_path)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        check_frozen(state.get("frozen"), frozen, state_path)
+        # ema is the model's copy taken before this load: its frozen entries are the init weights, as they
+        # should be (ema_update touches only the trained parameters).
+        load_weights(model, state["model"], state.get("frozen"), "model", state_path)
+        load_weights(ema, state["ema"], state.get("frozen"), "EMA", state_path)
         opt.load_state_dict(state["opt"])
         if memories is not None:
             memories.load_state_dict(_memories_to(state["memories"], device))
@@ -389,9 +457,9 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     def save_state(step: int) -> None:
         if rank != 0:
             return
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        state = {"model": trainable_state(model, tuned), "ema": trainable_state(ema, tuned), "opt": opt.state_dict(),
                  "memories": memories.state_dict() if memories is not None else None,
-                 "rng": rng_state(), "step": step, "config": dataclasses.asdict(cfg)}
+                 "rng": rng_state(), "step": step, "config": dataclasses.asdict(cfg), "frozen": frozen}
         save_atomic(state, out / "checkpoints" / "last.pt")
 
     # The first step whose loss was not finite, recorded on the device every step and read only when the
@@ -439,24 +507,28 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                 y = cond[labels]
 
                 def model_fn(x, t, yy, _drop=drop_all[mine]):
-                    return net(x, t, yy, force_drop_ids=_drop)
+                    with autocast(device, precision):  # bf16: the DiT alone; its output goes on in fp32
+                        return net(x, t, yy, force_drop_ids=_drop).float()
 
-                terms = diffusion.training_losses(model_fn, x0_all[mine], t_all[mine], y, noise_all[mine])
+                with matmul_precision(device, precision):
+                    terms = diffusion.training_losses(model_fn, x0_all[mine], t_all[mine], y, noise_all[mine])
                 loss = terms["loss"].mean()
                 parts = {}
                 done = step + 1
                 clean = False  # from here on the step changes the memories, the weights and the EMA
                 if memories is not None:
                     try:
-                        loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all, memories,
-                                                       cfg, rank, world, cond)
+                        with matmul_precision(device, "fp32"):  # memory losses and eviction: strict fp32
+                            loss, parts = _add_memory_loss(loss, terms["pred_x0"], labels, x0_all[mine], t_all,
+                                                           memories, cfg, rank, world, cond)
                     except NonFiniteEntry:  # a NaN prediction reached the adaptive memories' host check
                         first_bad = torch.minimum(first_bad, torch.full_like(first_bad, done))
                         check_finite(done, weights=False)
                 first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < _NO_STEP), first_bad,
                                         torch.full_like(first_bad, done))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with matmul_precision(device, precision):
+                    loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 try:
@@ -521,7 +593,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         save_export(export, ema.cpu(), extra)
         write_manifest(out, cfg.stage, dataclasses.asdict(cfg), export="export", data=data.identity,
                        class_names=data.class_names, cond_labels=data.cond_labels, labels=data.label_mapping,
-                       steps=steps)
+                       steps=steps, precision=precision)
     if world > 1:
         dist.barrier()
     return export
