@@ -142,3 +142,34 @@ def test_evaluate_offers_the_skip_option_its_message_names(tmp_path, capsys):
     assert "unreadable image" in err and "--skip-bad-images" in err
     assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "results.json").read_text())["num_test"] == 19
+
+
+def test_evaluate_tests_a_set_on_the_dataset_it_was_made_from(tmp_path, capsys):
+    """Without --test, a set selected from digits is tested on the digits test split (it used to be mnist5k,
+    downscaled to 8 px); a plain class tree has no such record and needs --test."""
+    assert main(["select", "--data", "digits", "--ipc", "1", "--out", str(tmp_path / "set")]) == 0
+    assert main(["evaluate", "--train", str(tmp_path / "set"), "--epochs", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["test"] == "digits:test" and result["num_test"] == 364  # the digits test split
+    tree = tmp_path / "tree"
+    for c in DIGITS:
+        (tree / c).mkdir(parents=True)
+        Image.new("L", (8, 8), int(c) * 20).save(tree / c / "0.png")
+    capsys.readouterr()
+    assert main(["evaluate", "--train", str(tree), "--epochs", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "ev2")]) == 2
+    assert "--test is required" in capsys.readouterr().err
+
+
+def test_skip_bad_images_applies_to_a_plain_train_tree(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    for c in DIGITS:
+        (tree / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), int(c) * 20 + i).save(tree / c / f"{i}.png")
+    (tree / "3" / "1.png").write_text("not an image")
+    args = ["evaluate", "--train", str(tree), "--test", "digits", "--epochs", "1", "--repeats", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "--skip-bad-images" in capsys.readouterr().err
+    assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "b")]) == 0

@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True,
                    help="train images: an image set (from sample or select) or any class-per-folder tree, "
                         "labelled by its folder names, which must match the test classes")
-    p.add_argument("--test", default="mnist5k", help="real test images: embedded name or folder (default: mnist5k)")
+    p.add_argument("--test", default=None, help="real test images: an embedded dataset's name or a folder (default: "
+                   "the test split of the embedded dataset the set was made from; required otherwise)")
     p.add_argument("--test-split", default="test", help="split of an embedded test set (default: test)")
     p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
     p.add_argument("--resolution", type=int, default=None,
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
     p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable images of a --test folder with a warning (default: stop at the first)")
+                   help="skip unreadable images of a --test folder or a plain --train tree with a warning (default: "
+                        "stop at the first)")
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
     p.set_defaults(func=_cmd_evaluate)

@@ -276,17 +276,31 @@ def with_default_flip(config: EvalConfig, test: str) -> EvalConfig:
     return replace(config, flip=test not in NO_FLIP_DATASETS)
 
 
-def evaluate_image_set(train_folder: str | Path, test: str, config: EvalConfig, test_split: str = "test",
+def set_test_default(manifest: dict, train_folder: str | Path) -> str:
+    """The real test set of an image set whose --test was not given: the test split of the embedded dataset it
+    was made from (its manifest's "data", e.g. "digits:train" -> digits). A set made from folder data, or a
+    plain class tree, has none: UserError asking for --test."""
+    data = str(manifest.get("data") or "")
+    name = data.split(":", 1)[0]
+    if name in NO_FLIP_DATASETS:
+        return name
+    raise UserError(f"--test is required for {train_folder}: it was not made from an embedded dataset"
+                    + (f" (its data: {data})" if data else "") + "; give a folder of real test images of its classes")
+
+
+def evaluate_image_set(train_folder: str | Path, test: str | None, config: EvalConfig, test_split: str = "test",
                        subset: str | None = None, resolution: int | None = None,
                        skip_bad_images: bool = False) -> dict:
     """Train classifiers on the image set in ``train_folder`` and test them on the real ``test`` images
-    (an embedded dataset's split or a class-per-folder tree; ``skip_bad_images`` skips its unreadable files
-    with a warning). Returns evaluate_repeats' dict plus where the data came from."""
+    (an embedded dataset's split or a class-per-folder tree; None: the test split of the embedded dataset the
+    set was made from, see set_test_default). ``skip_bad_images`` skips unreadable files of a plain class tree
+    (--train) or a test folder with a warning. Returns evaluate_repeats' dict plus where the data came from."""
     from .data import load_tensors, open_dataset
 
-    config = with_default_flip(config, test)
     config.validate()  # options first: a bad one is refused before any image is read
-    train_x, train_y, class_names, manifest = read_train_folder(train_folder, resolution)
+    train_x, train_y, class_names, manifest = read_train_folder(train_folder, resolution, skip_bad_images)
+    test = test if test is not None else set_test_default(manifest, train_folder)
+    config = with_default_flip(config, test)
     test_ds = open_dataset(test, test_split, subset=subset, resolution=resolution or train_x.shape[-1],
                            skip_bad_images=skip_bad_images, channels=int(train_x.shape[1]))
     test_names = list(test_ds.class_names)
@@ -306,7 +320,7 @@ def evaluate_image_set(train_folder: str | Path, test: str, config: EvalConfig, 
     return result
 
 
-def read_train_folder(folder: str | Path, resolution: int | None = None
+def read_train_folder(folder: str | Path, resolution: int | None = None, skip_bad_images: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
     """(images (N, C, H, W) in [-1, 1], labels (N,), class_names, manifest) of a train set: an image set
     written by sample/select (it has manifest.json), or any class-per-folder tree, labelled by its folder
@@ -318,6 +332,6 @@ def read_train_folder(folder: str | Path, resolution: int | None = None
     path = Path(folder).expanduser()
     if (path / "manifest.json").is_file() or not path.is_dir():
         return read_image_set(path)
-    ds = FolderImageDataset(path, None, resolution, labels="index")
+    ds = FolderImageDataset(path, None, resolution, skip_bad_images=skip_bad_images, labels="index")
     images, labels = load_tensors(ds)
     return images, labels, list(ds.class_names), {}
