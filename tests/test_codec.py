@@ -152,3 +152,31 @@ def test_pixel_codec_needs_no_cache(tmp_path):
     z, y = encode_dataset(PixelCodec(), ds, tmp_path / "cache", seed=0)
     assert torch.equal(z, ds.images) and torch.equal(y, ds.targets)
     assert not (tmp_path / "cache").exists()
+
+
+def test_cache_key_covers_the_seed_and_replaced_files(vae_dir, tmp_path):
+    """A cache made with --seed 0 is not served to --seed 1 (the posterior draws differ), and a file replaced by
+    another of the same size is noticed (its modification time changes)."""
+    import os
+
+    from PIL import Image
+
+    from memdistill.data import FolderImageDataset
+
+    codec = VAECodec(vae_dir)
+    ds = _dataset()
+    assert cache_key(codec, ds, seed=0) != cache_key(codec, ds, seed=1)
+    z0, _ = encode_dataset(codec, ds, tmp_path / "cache", seed=0)
+    z1, _ = encode_dataset(codec, ds, tmp_path / "cache", seed=1)
+    assert not torch.equal(z0, z1) and len(list((tmp_path / "cache").iterdir())) == 2
+
+    for c in ("a", "b"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "tree" / c / "0.bmp")
+    before = FolderImageDataset(tmp_path / "tree", None).identity
+    path = tmp_path / "tree" / "a" / "0.bmp"
+    size = path.stat().st_size
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(path)  # same size, other pixels
+    assert path.stat().st_size == size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a coarse clock still moves on
+    assert FolderImageDataset(tmp_path / "tree", None).identity != before

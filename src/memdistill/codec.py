@@ -186,20 +186,22 @@ def loader_workers(dataset, limit: int = 8) -> int:
     return max(0, min(limit, cores - 1))
 
 
-def cache_key(codec: Codec, dataset) -> str:
-    """Hex key over everything that changes the latents."""
+def cache_key(codec: Codec, dataset, seed: int = 0) -> str:
+    """Hex key over everything that changes the latents: the data (its identity covers the files, their sizes
+    and modification times), the classes, the resolution, the codec and the seed of the posterior draws."""
     payload = {
         "identity": dataset.identity,
         "class_names": list(dataset.class_names),
         "resolution": dataset.resolution,
         "codec": codec.config(),
+        "seed": seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_path(codec: Codec, dataset, cache_dir: str | Path) -> Path:
-    """Where the latents of ``dataset`` under ``codec`` are cached in ``cache_dir``."""
-    return Path(cache_dir) / f"latents-{cache_key(codec, dataset)}.safetensors"
+def cache_path(codec: Codec, dataset, cache_dir: str | Path, seed: int = 0) -> Path:
+    """Where the latents of ``dataset`` under ``codec`` drawn with ``seed`` are cached in ``cache_dir``."""
+    return Path(cache_dir) / f"latents-{cache_key(codec, dataset, seed)}.safetensors"
 
 
 def read_latent_cache(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -252,7 +254,7 @@ def encode_dataset(
     if isinstance(codec, PixelCodec):
         return load_tensors(dataset, batch_size=max(batch_size, 256))
 
-    path = cache_path(codec, dataset, cache_dir) if cache_dir is not None else None
+    path = cache_path(codec, dataset, cache_dir, seed) if cache_dir is not None else None
     if path is not None:
         cached = read_latent_cache(path, len(dataset))
         if cached is not None:

@@ -404,10 +404,12 @@ class FolderImageDataset(ImageDataset):
                      "" if channels == 1 else "s")
         self.channels = int(channels)
 
-        # The file list (with sizes) identifies the data well enough for a cache key without hashing pixels.
+        # The file list with sizes and modification times identifies the data well enough for a cache key without
+        # reading pixels: a file replaced by another of the same size still gets a new time.
         h = hashlib.sha1()
         for path in self.paths:
-            h.update(f"{path.relative_to(self.root)}:{path.stat().st_size}\n".encode())
+            st = path.stat()
+            h.update(f"{path.relative_to(self.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         # Grey is marked only when chosen, so folder caches written before channels existed (RGB) still match.
         self.identity = f"folder:{self.root}:{h.hexdigest()[:16]}:{self.resolution}" + (
             ":grey" if self.channels == 1 else "")
