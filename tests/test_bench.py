@@ -169,3 +169,14 @@ def test_the_older_spellings_still_run(tiny_model, tmp_path):
     assert (old.methods, old.ipcs, old.nets, old.repeats) == ("random", "1,2", "convnet1", 2)
     default = build_parser().parse_args(["bench"])
     assert (default.ipcs, default.repeats) == ("1,10,50", 3)
+
+
+def test_reports_of_one_repeat_and_of_real_baselines_only(tmp_path, capsys):
+    """One repeat shows as one repeat (no "± 0.00"), and a bench of real baselines does not describe a
+    fine-tuning it never ran."""
+    bench_cli(*TINY, "--eval-repeats", "1", "--method", "random,herding", "--ipc", "1", "--no-metrics",
+              "--out", tmp_path / "b")
+    printed = capsys.readouterr().out
+    report = (tmp_path / "b" / "bench.md").read_text()
+    assert "(1 repeat)" in printed and "± 0.00" not in printed and "± 0.00" not in report
+    assert "fine-tune" not in report.split("## Top-1")[0].lower() and "Random and Herding select" in report

@@ -173,3 +173,22 @@ def test_skip_bad_images_applies_to_a_plain_train_tree(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     assert "--skip-bad-images" in capsys.readouterr().err
     assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "b")]) == 0
+
+
+def test_run_report_names_a_tie_as_a_tie(tmp_path):
+    from memdistill.reports import write_run_report
+
+    def result(method, best):
+        return {"method": method, "ipc": 1, "net": "convnet1", "best_mean": best, "best_std": 0.5, "last_mean": best,
+                "last_std": 0.5, "per_repeat": [{"best": best}, {"best": best}], "epochs": 2}
+
+    report = write_run_report(tmp_path, {"memory": "adaptive"}, [result("adaptive", 9.89), result("random", 9.89)],
+                              {}, "grid.png", "accuracy.png").read_text()
+    assert "adaptive and random tie at 9.89" in report and "scores highest" not in report
+    report = write_run_report(tmp_path, {}, [result("adaptive", 9.0), result("random", 9.89)], {}, "g", "a").read_text()
+    assert "random scores highest, 9.89 ± 0.50" in report
+
+
+def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
+    assert main(["run", "--baselines", "random,random", "--out", str(tmp_path / "r")]) == 2
+    assert "random more than once" in capsys.readouterr().err and not (tmp_path / "r").exists()

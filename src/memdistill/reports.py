@@ -197,7 +197,11 @@ def write_run_report(out: str | Path, settings: dict, results: list[dict], timin
           pm(r["last_mean"], r["last_std"], len(r["per_repeat"])),
           ", ".join(f"{p['best']:.1f}" for p in r["per_repeat"]), r["epochs"]] for r in results],
     )
-    best = max(results, key=lambda r: r["best_mean"])
+    top = max(r["best_mean"] for r in results)
+    leaders = [r for r in results if r["best_mean"] == top]
+    outcome = (f"{leaders[0]['method']} scores highest, "
+               f"{pm(leaders[0]['best_mean'], leaders[0]['best_std'], len(leaders[0]['per_repeat']))} % top-1"
+               if len(leaders) == 1 else f"{' and '.join(r['method'] for r in leaders)} tie at {top:.2f} % top-1")
     lines = [
         "# memdistill run report",
         "",
@@ -205,9 +209,7 @@ def write_run_report(out: str | Path, settings: dict, results: list[dict], timin
         f"**{settings.get('memory')}** memory and evaluated by training {settings.get('net')} from scratch on each "
         f"set, {settings.get('repeats')} repeats, testing on the real {settings.get('test')} images.",
         "",
-        f"**Outcome:** {best['method']} scores highest, "
-        f"{pm(best['best_mean'], best['best_std'], len(best['per_repeat']))} % top-1 "
-        "(best check per repeat, mean ± sample std over repeats).",
+        f"**Outcome:** {outcome} (best check per repeat, mean ± sample std over repeats).",
         "",
         "## Results",
         "",

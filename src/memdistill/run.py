@@ -48,6 +48,9 @@ class RunConfig:
         bad = [b for b in names if b not in BASELINES]
         if bad:
             raise UserError(f"unknown baseline {bad[0]!r}; allowed: {', '.join(BASELINES)} (comma-separated)")
+        if len(set(names)) != len(names):
+            raise UserError(f"--baselines lists {', '.join(sorted({n for n in names if names.count(n) > 1}))} "
+                            "more than once")
         return names
 
     def validate(self) -> None:

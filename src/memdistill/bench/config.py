@@ -108,10 +108,16 @@ class BenchConfig:
 
 
 def _split(text: str, name: str, kind: type) -> list:
+    """The comma-separated list ``text`` of option --``name`` as ``kind`` values; a value given twice is refused
+    (it would run, or count, twice)."""
     try:
-        return [kind(v) for v in str(text).replace(" ", "").split(",") if v]
+        values = [kind(v) for v in str(text).replace(" ", "").split(",") if v]
     except ValueError:
         raise UserError(f"--{name} must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise UserError(f"--{name} lists {', '.join(twice)} more than once")
+    return values
 
 
 # ----- the table, the plots ---------------------------------------------------------------------------------

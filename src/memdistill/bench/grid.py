@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..manifest import write_json_atomic
 from .cells import _Bench
-from .config import LABELS, MEMORY_OF, TIE_RULE
+from .config import LABELS, MEMORY_OF, REAL_METHODS, TIE_RULE
 from .report import _epochs_note, _settings, _timings_table
 from .tables import accuracy_table, accuracy_vs_ipc_plot, metrics_table
 
@@ -23,6 +23,28 @@ def _model_for(bench: _Bench, method: str) -> str | None:
         return str(bench.model(method, dataclasses.replace(ft, memory=MEMORY_OF[method]),
                                bench.out / "models" / method))
     return None
+
+
+def _method_sentence(methods, bench: _Bench) -> str:
+    """How the methods of this bench were made; only the ones it ran (a bench of real baselines fine-tunes
+    nothing and samples nothing)."""
+    ft, cfg = bench.cfg.finetune, bench.cfg
+    tuned = [m for m in methods if m in MEMORY_OF]
+    parts = []
+    if tuned:
+        length = ft.steps if ft.steps is not None else f"{ft.epochs or 1} epoch(s) of"
+        parts.append(f"{', '.join(LABELS[m] for m in tuned)} fine-tune {ft.init} with every setting alike but "
+                     f"the memory (Minimax: FIFO, Adaptive: self-adaptive, Fine-tune: no memory losses): {length} "
+                     f"steps, batch {ft.batch_size}, lr {ft.lr:g}, lambda_real {ft.lambda_real:g}, lambda_gen "
+                     f"{ft.lambda_gen:g}, N_R {ft.mem_real}, N_G {ft.mem_gen}.")
+    if "dit" in methods:
+        parts.append(f"DiT samples {ft.init} without fine-tuning.")
+    if "dit" in methods or tuned:
+        parts.append(f"Sampling: {cfg.sample.steps} {cfg.sample.sampler} steps, guidance {cfg.sample.cfg_scale:g}.")
+    real = [LABELS[m] for m in methods if m in REAL_METHODS]
+    if real:
+        parts.append(f"{' and '.join(real)} select{'s' if len(real) == 1 else ''} real images.")
+    return " ".join(parts)
 
 
 def _run_grid(bench: _Bench) -> Path:
@@ -62,18 +84,12 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
                                            "nets": nets, "cells": cells, "metrics": metrics,
                                            "feature_extractor": extractor, "timings": bench.timings,
                                            "tie_rule": TIE_RULE})
-    length = ft.steps if ft.steps is not None else f"{ft.epochs or 1} epoch(s) of"
     lines = [
         "# memdistill bench",
         "",
         f"Methods {', '.join(LABELS[m] for m in methods)} on {ft.data}"
         + (f" ({ft.subset})" if ft.subset else "") + f", tested on the real {bench.test} test images. "
-        f"Fine-tuned methods start from {ft.init} and share every setting but the memory (Minimax: FIFO, "
-        f"Adaptive: self-adaptive, Fine-tune: no memory losses); DiT samples that model without fine-tuning; "
-        f"Random and Herding select real images. Fine-tuning: {length} steps, batch "
-        f"{ft.batch_size}, lr {ft.lr:g}, lambda_real {ft.lambda_real:g}, lambda_gen {ft.lambda_gen:g}, "
-        f"N_R {ft.mem_real}, N_G {ft.mem_gen}. Sampling: {cfg.sample.steps} {cfg.sample.sampler} steps, "
-        f"guidance {cfg.sample.cfg_scale:g}.",
+        + _method_sentence(methods, bench),
         "",
         "## Top-1 accuracy (%)",
         "",

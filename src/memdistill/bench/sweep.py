@@ -63,8 +63,8 @@ def _run_sweep(bench: _Bench) -> Path:
         sweep_plot(rows, parameter, defaults[parameter], out / "sweep" / f"{parameter}.png",
                    title=f"IPC {k}, {net}, {cfg.repeats} repeats")
         header = [SWEEP_AXIS[parameter], "top-1 (%)", "last (%)"] + (["diversity", "coverage"] if cfg.metrics else [])
-        table = [[f"{p['value']:g}" + (" (default)" if p["default"] else ""), pm(p["best_mean"], p["best_std"]),
-                  pm(p["last_mean"], p["last_std"])]
+        table = [[f"{p['value']:g}" + (" (default)" if p["default"] else ""), pm(p["best_mean"], p["best_std"], cfg.repeats),
+                  pm(p["last_mean"], p["last_std"], cfg.repeats)]
                  + ([("n/a" if p["diversity"] is None else f"{p['diversity']:.3f}"), f"{p['coverage']:.3f}"]
                     if cfg.metrics else []) for p in rows]
         lines += ["", f"## {SWEEP_AXIS[parameter]}", "", markdown_table(header, table), "",

@@ -33,9 +33,10 @@ def accuracy_table(cells: Sequence[dict], methods: Sequence[str], ipcs: Sequence
         for net in nets:
             found = {m: (lookup[m, k, net]["best_mean"], lookup[m, k, net]["best_std"]) for m in methods
                      if (m, k, net) in lookup}
+            repeats = {m: len(lookup[m, k, net].get("per_repeat") or ()) or None for m in found}
             bold = tied_best(found)
-            rows.append([k, net] + [("–" if m not in found else
-                                     f"**{pm(*found[m])}**" if m in bold else pm(*found[m])) for m in methods])
+            rows.append([k, net] + [("–" if m not in found else f"**{pm(*found[m], repeats[m])}**" if m in bold
+                                     else pm(*found[m], repeats[m])) for m in methods])
     return markdown_table(["IPC", "net"] + [LABELS.get(m, m) for m in methods], rows)
 
 
