@@ -192,3 +192,20 @@ def test_run_report_names_a_tie_as_a_tie(tmp_path):
 def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
     assert main(["run", "--baselines", "random,random", "--out", str(tmp_path / "r")]) == 2
     assert "random more than once" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["finetune", "--data", "digits", "--vae", "somewhere"], "--vae applies to --codec vae"),
+    (["pretrain", "--data", "digits", "--latent-cache", "cache"], "--latent-cache applies to --codec vae"),
+    (["sample", "--eta", "0.5"], "--eta is the noise of the ddim sampler"),
+    (["sample", "--steps", "1001"], "--steps must be an integer >= 1 and <= 1000"),
+    (["sample", "--labels", "imagenet"], "--subset and --labels are only for bare checkpoints"),
+    (["sample", "--vae", "somewhere"], "--vae decodes latents"),
+    (["sample", "--guided-channels", "2"], "--guided-channels must be between 1 and 1"),
+    (["sample", "--classes", "0,0"], "--classes must be distinct"),
+])
+def test_options_that_would_be_ignored_or_unnamed_are_refused(capsys, tmp_path, args, match):
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert not (tmp_path / "o").exists()

@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="select IPC real images per class (random or herding baseline)")
     p.add_argument("--method", default="random", help="random or herding (default: random)")
     p.add_argument("--data", default="mnist5k", help=TRAIN_HELP["data"] + " (default: mnist5k)")
-    p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
+    p.add_argument("--subset", default=None, help="class list of the --test images: built-in name (imagewoof, "
+                   "imagenette, imageidc, idc100) or a text file of folder names (default: every class folder of a "
+                   "--test folder; an embedded set's own classes)")
     p.add_argument("--resolution", type=int, default=None, help=TRAIN_HELP["resolution"])
     p.add_argument("--channels", default="auto", help=TRAIN_HELP["channels"] + " (default: auto)")
     p.add_argument("--labels", default="auto", help=TRAIN_HELP["labels"] + " (default: auto)")
@@ -180,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", default=None, help="real test images: an embedded dataset's name or a folder (default: "
                    "the test split of the embedded dataset the set was made from; required otherwise)")
     p.add_argument("--test-split", default="test", help="split of an embedded test set (default: test)")
-    p.add_argument("--subset", default=None, help=TRAIN_HELP["subset"])
+    p.add_argument("--subset", default=None, help="class list of the --test images: built-in name (imagewoof, "
+                   "imagenette, imageidc, idc100) or a text file of folder names (default: every class folder of a "
+                   "--test folder; an embedded set's own classes)")
     p.add_argument("--resolution", type=int, default=None,
                    help="image size of a train folder tree and of the test images (default: the train images' "
                         "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
@@ -203,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated real baselines: random, herding, or '' (default: random)")
     p.add_argument("--test", default=None, help="real test images (default: the embedded dataset's test split)")
     add_config_args(p, run_defaults.finetune, skip={"model", "stage"}, help=TRAIN_HELP)
-    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "vae", "labels"},
+    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"},
                     help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
     _add_run_folder_args(p, "runs/run")

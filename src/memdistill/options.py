@@ -48,7 +48,9 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
         base, optional = _field_type(f.type)
         text = help.get(f.name, "")
         if base is bool:
-            kwargs: dict[str, Any] = dict(action=argparse.BooleanOptionalAction, help=text)
+            state = {True: "on", False: "off"}.get(default)
+            kwargs: dict[str, Any] = dict(action=argparse.BooleanOptionalAction,
+                                          help=text if "(default:" in text or state is None else f"{text} (default: {state})")
         else:
             kwargs = dict(type=_optional(base) if optional else base, metavar=base.__name__.upper(),
                           help=text if "(default:" in text else

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .checks import flag, require_finite, require_int
 from .codec import Codec, make_codec
 from .devices import dist_setup, resolve_device
-from .diffusion import SAMPLERS, GaussianDiffusion, image_generator
+from .diffusion import NUM_TIMESTEPS, SAMPLERS, GaussianDiffusion, image_generator
 from .errors import UserError
 from .imageset import ImageSetWriter, check_target, partial_path
 from .models.dit import DiT, guided
@@ -57,11 +57,14 @@ class SampleConfig:
         """Refuse bad settings with a UserError naming the option (``prefix``: "sample-" inside ``run``)."""
         require_int(flag("ipc", prefix), self.ipc, low=1)
         require_finite(flag("cfg_scale", prefix), self.cfg_scale, low=0)  # 1 = no guidance
-        require_int(flag("steps", prefix), self.steps, low=1)
+        require_int(flag("steps", prefix), self.steps, low=1, high=NUM_TIMESTEPS)
         if self.sampler not in SAMPLERS:
             raise UserError(f"{flag('sampler', prefix)}: unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
         # eta > 1 makes DDIM's sqrt(1 - abar_prev - sigma^2) imaginary (NaN images)
         require_finite(flag("eta", prefix), self.eta, 0, 1)
+        if self.eta != 0 and self.sampler != "ddim":
+            raise UserError(f"{flag('eta', prefix)} is the noise of the ddim sampler; with --sampler {self.sampler} "
+                            "it would be ignored (use --sampler ddim, or leave --eta at 0)")
         require_int(flag("batch_size", prefix), self.batch_size, low=1)
         require_int(flag("guided_channels", prefix), self.guided_channels, low=1, optional=True)
         require_int(flag("vae_batch_size", prefix), self.vae_batch_size, low=1)
@@ -78,7 +81,7 @@ def parse_classes(classes) -> list[int] | None:
     try:
         return [int(c) for c in classes]
     except (TypeError, ValueError):
-        raise UserError(f"classes must be label indices such as 0,3,5; got {classes!r}") from None
+        raise UserError(f"--classes must be label indices such as 0,3,5; got {classes!r}") from None
 
 
 @dataclass
@@ -189,14 +192,17 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
     if export_cfg is not None:
         model, export_cfg = load_export(path)
         _check_export_fields(path / EXPORT_CONFIG, export_cfg)
-        if cfg.subset is not None:
-            raise UserError(f"{path} is an export with its own class list; subset is only for bare checkpoints")
+        if cfg.subset is not None or cfg.labels != "auto":
+            raise UserError(f"{path} is an export with its own class list and labels; --subset and --labels are "
+                            "only for bare checkpoints")
         class_names = list(export_cfg["class_names"])
         cond_labels = [int(c) for c in export_cfg.get("cond_labels", range(len(class_names)))]
         codec_cfg = dict(export_cfg.get("codec") or {"name": "pixel"})
         if cfg.codec is not None:
             codec_cfg = {"name": cfg.codec}
         if cfg.vae is not None:
+            if codec_cfg["name"] != "vae":
+                raise UserError(f"--vae decodes latents, but {path} works in {codec_cfg['name']} space; leave --vae out")
             codec_cfg["path"] = cfg.vae
         image_shape = tuple(export_cfg["image_shape"])
         latent_shape = tuple(export_cfg.get("latent_shape") or (model.in_channels, *[model.config.input_size] * 2))
@@ -245,7 +251,7 @@ def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> P
     classes = cfg.classes if cfg.classes is not None else list(range(k))
     bad = [c for c in classes if not 0 <= c < k]
     if bad or len(set(classes)) != len(classes) or not classes:
-        raise UserError(f"classes must be distinct label indices in 0..{k - 1}, got {classes}")
+        raise UserError(f"--classes must be distinct label indices in 0..{k - 1}, got {classes}")
     names = [sampler.class_names[c] for c in classes]
     jobs = [(c, i) for c in classes for i in range(cfg.ipc)]
     mine = jobs[rank::world]  # disjoint shares; each image's noise does not depend on who samples it

@@ -93,6 +93,9 @@ class TrainConfig:
         def opt(name: str) -> str:
             return flag(name, prefix)
 
+        if self.codec == "pixel" and (self.vae is not None or self.latent_cache is not None):
+            given = opt("vae") if self.vae is not None else opt("latent_cache")
+            raise UserError(f"{given} applies to {opt('codec')} vae; with the pixel codec it would be ignored")
         if self.memory not in MEMORY_CHOICES:
             raise UserError(f"{opt('memory')} must be one of {', '.join(MEMORY_CHOICES)}, got {self.memory!r}")
         if self.train not in TRAIN_CHOICES:

@@ -452,7 +452,8 @@ def guided(model: DiT, scale: float, guided_channels: int | None = None) -> Call
     n_eps = model.in_channels
     k = n_eps if guided_channels is None else int(guided_channels)
     if not 0 < k <= n_eps:
-        raise UserError(f"guided_channels must be between 1 and {n_eps}, got {guided_channels}")
+        raise UserError(f"--guided-channels must be between 1 and {n_eps} (the model's latent channels), "
+                        f"got {guided_channels}")
 
     def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
