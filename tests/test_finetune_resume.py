@@ -276,7 +276,8 @@ def test_train_all_saves_everything_and_resumes_bit_identically(tiny_model, tmp_
     assert main(finetune_args(tiny_model, ref, 6, *args)) == 0
     assert main(finetune_args(tiny_model, split, 3, *args)) == 0
     assert state(split)["frozen"] is None
-    assert set(state(split)["model"]) == set(state(split)["ema"]) and len(state(split)["model"]) > len(_tuned_names(tiny_model)[0])
+    saved = state(split)["model"]
+    assert set(saved) == set(state(split)["ema"]) and len(saved) > len(_tuned_names(tiny_model)[0])
     assert main(finetune_args(tiny_model, split, 6, *args, "--resume")) == 0
     assert_same_run(ref, split, 6)
 

@@ -44,7 +44,7 @@ class SampleConfig:
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
-    precision: str = "auto"  # runtime.PRECISIONS; auto = tf32 on CUDA, fp32 elsewhere (the sampler's arithmetic stays fp32)
+    precision: str = "auto"  # runtime.PRECISIONS (auto: tf32 on CUDA, else fp32); the sampler arithmetic stays fp32
     classes: list[int] | None = None  # label indices (positions in the class list) to sample; None = all
     # Only for checkpoints without an export config (official .pt, diffusers DiT) or to override the export's:
     subset: str | None = None  # class list: built-in name (imagewoof, ...) or a text file of names
