@@ -95,7 +95,7 @@ class EvalConfig:
         for name in ("epochs", "eval_every", "image_size"):
             require_int(flag(name, prefix), getattr(self, name), low=1, optional=True)
         resolve_device(self.device)
-        check_precision(self.precision)
+        check_precision(self.precision, flag("precision", prefix))
 
 
 def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -69,7 +69,7 @@ class SampleConfig:
         require_int(flag("guided_channels", prefix), self.guided_channels, low=1, optional=True)
         require_int(flag("vae_batch_size", prefix), self.vae_batch_size, low=1)
         resolve_device(self.device)
-        check_precision(self.precision)
+        check_precision(self.precision, flag("precision", prefix))
 
 
 def parse_classes(classes) -> list[int] | None:
