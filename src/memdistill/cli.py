@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .options import (EVAL_HELP, SAMPLE_HELP, TRAIN_HELP, TRAIN_RUN_MARKS, _add_run_folder_args, add_config_args,
-                      check_out, config_from_args)
+                      check_command, check_out, config_from_args)
 
 log = logging.getLogger("memdistill")
 
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # denormals make CPU steps erratically slow
     try:
         runtime.set_threads(getattr(args, "threads", None))
+        check_command(args)  # seeds, --latent-cache, --out against the inputs: before any stage starts
         args.func(args)
     except UserError as err:
         print(f"memdistill {args.command}: error: {err}", file=sys.stderr)

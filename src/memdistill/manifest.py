@@ -147,6 +147,28 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+def refuse_out_over_inputs(out: str | Path, inputs: dict[str, str | Path], contained_ok: bool = False) -> None:
+    """Refuse, before any work, an output folder that overlaps an input: ``out`` equal to an input, lying
+    inside one (the stage would write into the input), or, unless ``contained_ok``, holding one (replacing or
+    writing ``out`` would destroy or pollute the input). ``inputs`` maps an option ("--data") to its path; paths
+    are compared resolved (relative forms, "~", symlinks), so two spellings of one folder are one folder.
+
+    Raises UserError naming both options and what to choose instead."""
+    o = Path(os.path.expanduser(str(out))).resolve()
+    for option, value in inputs.items():
+        i = Path(os.path.expanduser(str(value))).resolve()
+        if o == i:
+            why = f"is the {option} input"
+        elif i in o.parents:
+            why = f"lies inside the {option} input {value}"
+        elif o in i.parents and not contained_ok:
+            why = f"holds the {option} input {value}"
+        else:
+            continue
+        raise UserError(f"--out {out} {why}: writing there would replace or change that input; choose an --out "
+                        f"outside every input")
+
+
 def refuse_existing(path: str | Path, what: str, names: tuple[str, ...] | None = None, overwrite: bool = False,
                     resume: bool | None = None) -> None:
     """The one rule of every stage for an output that exists: refuse it unless --overwrite (or --resume,

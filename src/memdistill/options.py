@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Callable
+
+from .errors import UserError
 
 # ----- dataclass <-> argparse --------------------------------------------------------------------------
 def _field_type(tp: Any) -> tuple[type, bool]:
@@ -179,3 +182,53 @@ def check_out(args: argparse.Namespace, what: str, names: tuple[str, ...] | None
     check_output_folder(args.out)
     refuse_existing(args.out, what, names, overwrite=args.overwrite,
                     resume=getattr(args, "resume", False) if resumable else None)
+
+
+# ----- checks of the whole command line, before any stage starts --------------------------------------------
+# Seeds go through integer mixing (step and image generators) that must stay inside torch's 64-bit seed range.
+SEED_MAX = 2**31 - 1
+
+# The options of each command that name an input path. Embedded dataset names and shipped model names are not
+# paths; evaluate only writes results.json into --out, so there an input may lie inside --out.
+INPUT_OPTIONS = {
+    "pretrain": ("data", "subset", "vae", "latent_cache"),
+    "finetune": ("data", "subset", "init", "vae", "latent_cache"),
+    "sample": ("model", "subset", "vae"),
+    "select": ("data", "subset"),
+    "evaluate": ("train", "test", "subset"),
+    "run": ("data", "subset", "init", "vae", "latent_cache", "test"),
+    "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test"),
+}
+# Outputs created by the stage, so an input path that does not exist yet still counts.
+_CREATED = {"latent_cache"}
+
+
+def _input_paths(args: argparse.Namespace) -> dict[str, str]:
+    """{"--option": path} of the command's input options that name a path (see INPUT_OPTIONS)."""
+    from .data import BUILTIN_SUBSETS, EMBEDDED
+    from .pretrained import SHIPPED
+
+    names = set(EMBEDDED) | set(SHIPPED) | set(BUILTIN_SUBSETS)
+    found = {}
+    for name in INPUT_OPTIONS.get(getattr(args, "command", None), ()):
+        value = getattr(args, name, None)
+        if not value or str(value) in names:
+            continue
+        if name in _CREATED or os.path.lexists(os.path.expanduser(str(value))):
+            found["--" + name.replace("_", "-")] = str(value)
+    return found
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """What every command checks before its stage starts (UserError, one line, naming the option):
+    every seed in 0..SEED_MAX; --latent-cache a folder that can be written; --out neither an input, nor
+    inside one, nor (except for evaluate, which writes only results.json) holding one."""
+    from .manifest import check_output_folder, refuse_out_over_inputs
+
+    for name, value in sorted(vars(args).items()):
+        if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value <= SEED_MAX:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer from 0 to {SEED_MAX}, got {value}")
+    if getattr(args, "latent_cache", None):
+        check_output_folder(args.latent_cache, "--latent-cache")
+    if getattr(args, "out", None) is not None:
+        refuse_out_over_inputs(args.out, _input_paths(args), contained_ok=args.command == "evaluate")
