@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="auto", help=TRAIN_HELP["labels"] + " (default: auto)")
     p.add_argument("--skip-bad-images", action="store_true", help=TRAIN_HELP["skip_bad_images"])
     p.add_argument("--ipc", type=int, default=10, help="images per class (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice, 0 to 2147483647 (default: 0)")
     p.add_argument("--out", default="runs/select", help="output image set folder (default: runs/select)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set")
     p.set_defaults(func=_cmd_select)

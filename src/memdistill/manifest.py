@@ -119,13 +119,41 @@ def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 NUMBER = (int, float)
 
 
+NAME_MAX = 255  # bytes of one file name (Linux, macOS and Windows file systems alike)
+PATH_MAX = 4096  # bytes of a whole path (Linux)
+# The longest sibling an output is written through is ".<name>.partial-<pid>" (pid up to 7 digits), and a stage
+# writes files a few levels deep inside it (class folders, checkpoints, .tmp files).
+_SIBLING_EXTRA = len("..partial-") + 10
+_INSIDE_EXTRA = 512
+
+
+def _check_name_lengths(path: Path, option: str) -> None:
+    """UserError when a part of ``path`` or the whole of it is too long to be written (errno 36 later on)."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UserError(f"{option}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long, more than "
+                            f"the {NAME_MAX} a file name can have; choose a shorter {option}")
+    if len(os.fsencode(path.name)) > NAME_MAX - _SIBLING_EXTRA:
+        raise UserError(f"{option}: the name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes long; at "
+                        f"most {NAME_MAX - _SIBLING_EXTRA} leave room for the hidden folder it is written through; "
+                        f"choose a shorter {option}")
+    full = len(os.fsencode(os.path.abspath(os.path.expanduser(str(path)))))
+    if full > PATH_MAX - _INSIDE_EXTRA:
+        raise UserError(f"{option}: the path is {full} bytes long; at most {PATH_MAX - _INSIDE_EXTRA} leave room "
+                        f"for the files written inside it; choose a shorter {option}")
+
+
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     """Refuse, before any work, an output folder that cannot be written: ``path`` is a file, lies inside a
     file, or its nearest existing folder is not writable (permissions, read-only or full disk). Creates
     nothing. Which existing contents a stage may replace is the stage's rule (see refuse_existing).
 
+    Also refused: a name longer than the file system allows, leaving room for the hidden siblings an output is
+    written through (``.<name>.partial-<pid>``), or a path too long to hold a stage's files.
+
     Raises UserError naming ``option`` and the path."""
     path = Path(path)
+    _check_name_lengths(path, option)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} is a file, not a folder; choose another {option}")
     existing = path

@@ -110,7 +110,7 @@ TRAIN_HELP = {
     "repeat_loss_defect": "reproduce the reference code's re-added class loss (ablation only)",
     "memory_max_t": "only samples at timesteps t below this feed the memory losses and memories "
                     "(default: none, every t, as the paper)",
-    "seed": "seed of every random draw (batch order, timesteps, noise, label dropout, initial weights)",
+    "seed": "seed of every random draw (batch order, timesteps, noise, label dropout, initial weights), 0 to 2147483647",
     "checkpoint_every": "save a resume state every this many steps",
     "log_every": "write a line of metrics.jsonl every this many steps",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
@@ -129,7 +129,7 @@ SAMPLE_HELP = {
     "eta": "DDIM noise, 0 (deterministic) to 1",
     "guided_channels": "guide only the first N latent channels, 3 reproduces the official DiT sampler "
                        "(default: none, all channels)",
-    "seed": "seed of the per-image noise (image i of class c always gets the same noise)",
+    "seed": "seed of the per-image noise (image i of class c always gets the same noise), 0 to 2147483647",
     "batch_size": "images sampled at once (does not change the images)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "precision": "auto, fp32, tf32 or bf16 for the DiT's forward passes: tf32 = TensorFloat-32 matrix products (CUDA "
@@ -158,7 +158,7 @@ EVAL_HELP = {
     "lighting": "PCA lighting noise (std 0.1)",
     "eval_every": "test every this many epochs, and after the last (default: a tenth of the epochs)",
     "repeats": "classifiers trained, each with its own seed",
-    "seed": "seed of the first classifier (repeat r uses seed + r)",
+    "seed": "seed of the first classifier (repeat r uses seed + r), 0 to 2147483647",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "precision": "auto, fp32, tf32 or bf16 for the classifier's forward passes (training and test checks): tf32 = "
                  "TensorFloat-32 matrix products (CUDA only), bf16 = bfloat16 autocast (default: auto = tf32 on "
@@ -221,7 +221,8 @@ def _input_paths(args: argparse.Namespace) -> dict[str, str]:
 
 def check_command(args: argparse.Namespace) -> None:
     """What every command checks before its stage starts (UserError, one line, naming the option):
-    every seed in 0..SEED_MAX; --latent-cache a folder that can be written; --out neither an input, nor
+    every seed in 0..SEED_MAX; --latent-cache and --out folders that can be written (see
+    manifest.check_output_folder); --out neither an input, nor
     inside one, nor (except for evaluate, which writes only results.json) holding one."""
     from .manifest import check_output_folder, refuse_out_over_inputs
 
@@ -231,4 +232,5 @@ def check_command(args: argparse.Namespace) -> None:
     if getattr(args, "latent_cache", None):
         check_output_folder(args.latent_cache, "--latent-cache")
     if getattr(args, "out", None) is not None:
+        check_output_folder(args.out)  # a file, too long a name, not writable: before comparing paths
         refuse_out_over_inputs(args.out, _input_paths(args), contained_ok=args.command == "evaluate")
