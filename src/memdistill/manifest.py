@@ -25,14 +25,39 @@ log = logging.getLogger(__name__)
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
+# Free bytes below which a write that failed without an errno is put down to a full disk.
+NEARLY_FULL = 16 * 2**20
+
+
+def is_disk_full_error(err: BaseException, path: str | Path) -> bool:
+    """Whether ``err``, raised while writing ``path``, means that the disk (or quota) is full: an OSError with
+    ENOSPC/EDQUOT, or an error without an errno (torch.save's zip writer raises RuntimeError "[enforce fail at
+    inline_container.cc] ... file write failed", safetensors its own error) while the disk holding ``path`` has
+    less than NEARLY_FULL bytes free. Bad input (UserError) and interruptions are never a full disk."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in DISK_FULL
+    if not isinstance(err, Exception) or isinstance(err, UserError):
+        return False
+    existing = Path(path)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free < NEARLY_FULL
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def disk_full_is_user_error(path: str | Path, cleanup: str | Path | None = None):
     """Turn a full disk (or quota) while writing ``path`` into a UserError that says so and names the path.
     ``cleanup`` (a file or folder, e.g. the tmp file being written) is removed on any error, so a failed
-    write leaves nothing partial behind. Other OSErrors propagate unchanged (after the cleanup)."""
+    write leaves nothing partial behind. "Full" is is_disk_full_error's rule, so writers that raise no OSError
+    (torch.save, safetensors) are covered too. Other errors propagate unchanged (after the cleanup)."""
     try:
         yield
     except BaseException as err:
+        # Asked before the cleanup, which frees the space the failed write took.
+        full = is_disk_full_error(err, path)
         if cleanup is not None:
             cleanup = Path(cleanup)
             if cleanup.is_dir() and not cleanup.is_symlink():
@@ -42,7 +67,7 @@ def disk_full_is_user_error(path: str | Path, cleanup: str | Path | None = None)
             else:
                 with contextlib.suppress(OSError):
                     cleanup.unlink()
-        if isinstance(err, OSError) and err.errno in DISK_FULL:
+        if full:
             raise UserError(f"the disk is full (or the quota used up) while writing {path}: free some space "
                             f"and run the command again") from None
         raise

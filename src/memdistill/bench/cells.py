@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..evaluate import evaluate_image_set, resolve_test_set
 from ..finetune import finetune
 from ..manifest import NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing, write_json_atomic
 from ..sample import sample_set
-from ..train import TrainConfig
+from ..train import TrainConfig, save_atomic
 from .config import BenchConfig, MEMORY_OF, REAL_METHODS
 
 log = logging.getLogger(__name__)
@@ -203,10 +202,8 @@ class _Bench:
                                cfg.feature_epochs, device=resolve_device(cfg.eval.device), generator=g)
             acc = classifier_accuracy(model, test_x, test_y, device=resolve_device(cfg.eval.device))
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
-                       tmp)
-            os.replace(tmp, path)
+            save_atomic({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
+                        path)  # a full disk: one line, no .tmp left
             write_json_atomic(folder / "extractor.json", {**spec, "test_top1": acc})
             log.info("feature extractor: %.2f %% top-1 on the real test set", acc)
         real_f = penultimate_features(model, test_x, device=resolve_device(cfg.eval.device))
