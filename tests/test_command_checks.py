@@ -95,3 +95,15 @@ def test_too_long_out_path_is_one_line(tmp_path, capsys):
     code = run_cli("select", "--data", "digits", "--ipc", "1", "--out", deep)
     one_line(capsys, code, "--out", "path is")
     assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("k", [100000, 400])
+def test_bench_coverage_k_beyond_the_test_images_is_refused_before_the_work(k, tmp_path, capsys):
+    """digits has about 36 test images per class: a k that leaves no k-NN radius fails before sets, cells or
+    timings are made, naming --coverage-k and how far to lower it."""
+    t0 = time.perf_counter()
+    code = run_cli("bench", "--data", "digits", "--method", "random", "--ipc", "1", "--eval-net", "convnet1",
+                   "--eval-repeats", "1", "--eval-epochs", "1", "--feature-epochs", "1", "--coverage-k", k,
+                   "--out", tmp_path / "b")
+    one_line(capsys, code, "--coverage-k", "lower")
+    assert time.perf_counter() - t0 < 20 and listing(tmp_path) == []

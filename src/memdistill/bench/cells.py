@@ -174,11 +174,6 @@ class _Bench:
         test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution,
                                channels=self.train_ds.channels)
         test_x, test_y = load_tensors(test_ds)
-        small = [(n, int((test_y == c).sum())) for c, n in enumerate(test_ds.class_names)
-                 if int((test_y == c).sum()) <= cfg.coverage_k]
-        if small:
-            raise UserError(f"coverage with k={cfg.coverage_k} needs more than {cfg.coverage_k} real test images per "
-                            f"class; class {small[0][0]!r} has {small[0][1]}: lower --coverage-k or pass --no-metrics")
         k, channels, side = self.train_ds.num_classes, self.train_ds.channels, self.train_ds.resolution
         spec = {"net": cfg.feature_net, "epochs": cfg.feature_epochs, "seed": cfg.eval.seed,
                 "data": self.train_ds.identity, "num_classes": k, "channels": channels, "resolution": side}
@@ -239,6 +234,21 @@ def _prefix_set(source: Path, k: int, out: Path) -> Path:
     return write_image_set(out, images[keep], labels[keep], class_names, fields, overwrite=True)
 
 
+def _check_coverage_k(cfg: BenchConfig, test: str, train_ds) -> None:
+    """UserError unless every class of the real test set has more than --coverage-k images (the k-NN radius
+    of coverage needs k neighbours of the class): checked up front, from the file list (headers only)."""
+    from ..data import open_dataset
+
+    test_ds = open_dataset(test, "test", subset=cfg.finetune.subset, resolution=train_ds.resolution,
+                           channels=train_ds.channels, verify=False)
+    counts = [int((test_ds.targets == c).sum()) for c in range(test_ds.num_classes)]
+    if min(counts) <= cfg.coverage_k:
+        c = counts.index(min(counts))
+        raise UserError(f"--coverage-k {cfg.coverage_k}: coverage needs more than k real test images per class, and "
+                        f"class {test_ds.class_names[c]!r} has {counts[c]}: lower --coverage-k (below "
+                        f"{min(counts)}) or pass --no-metrics")
+
+
 def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -> _Bench:
     """Check everything (options, the output folder, the data against the IPCs, the nets), then, only then,
     prepare ``out``: a refused command writes nothing."""
@@ -271,6 +281,7 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
         build_net(net, ds.num_classes, ds.channels, cfg.eval.image_size or ds.resolution, cfg.eval.norm)
     if cfg.metrics:
         build_net(cfg.feature_net, ds.num_classes, ds.channels, ds.resolution)
+        _check_coverage_k(cfg, test, ds)
 
     # Every check passed: from here on the command writes.
     if not resume and out.exists() and any(out.iterdir()):
