@@ -67,3 +67,9 @@ def test_image_set_writer_refuses_such_class_names(name, tmp_path):
     with pytest.raises(UserError, match="class name"):
         write_image_set(tmp_path / "set", torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), ["a", name], {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_ascii_utf8_class_folders_are_kept(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", ["café", "日本"])
+    assert run_cli("select", "--ipc", "1", "--data", data, "--out", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["café", "日本"]

@@ -115,9 +115,12 @@ def _check_class_folders(names: list[str], root: Path | None, listed_in: Path | 
     for name in names:
         problem = class_name_problem(name)
         if problem:
-            # ascii(): a name that is not valid UTF-8 holds surrogates that cannot be printed as they are
-            where = f"class folder {ascii(str(root / name))[1:-1]}" if root is not None else \
-                f"class {ascii(name)} in {listed_in}"
+            shown = str(root / name) if root is not None else name
+            try:
+                shown.encode("utf-8")
+            except UnicodeEncodeError:  # a name that is not valid UTF-8 holds surrogates: print them escaped
+                shown = ascii(shown)[1:-1]
+            where = f"class folder {shown}" if root is not None else f"class {shown!r} in {listed_in}"
             raise UserError(f"{where}: the name {problem}")
 
 

@@ -160,12 +160,12 @@ def _check_name_lengths(path: Path, option: str) -> None:
                             f"the {NAME_MAX} a file name can have; choose a shorter {option}")
     if len(os.fsencode(path.name)) > NAME_MAX - _SIBLING_EXTRA:
         raise UserError(f"{option}: the name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes long; at "
-                        f"most {NAME_MAX - _SIBLING_EXTRA} leave room for the hidden folder it is written through; "
-                        f"choose a shorter {option}")
+                        f"most {NAME_MAX - _SIBLING_EXTRA} bytes leave room for the hidden folder it is written "
+                        f"through; choose a shorter {option}")
     full = len(os.fsencode(os.path.abspath(os.path.expanduser(str(path)))))
     if full > PATH_MAX - _INSIDE_EXTRA:
-        raise UserError(f"{option}: the path is {full} bytes long; at most {PATH_MAX - _INSIDE_EXTRA} leave room "
-                        f"for the files written inside it; choose a shorter {option}")
+        raise UserError(f"{option}: the path is {full} bytes long; at most {PATH_MAX - _INSIDE_EXTRA} bytes leave "
+                        f"room for the files written inside it; choose a shorter {option}")
 
 
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
