@@ -27,8 +27,8 @@ def make_tree(root, names):
     return root
 
 
-BAD = {"not UTF-8": (b"b\xff", "b\\udcff", "UTF-8"), "grid.png": (b"grid.png", "grid.png", "own file"),
-       "manifest.json": (b"manifest.json", "manifest.json", "own file")}
+BAD = {"not UTF-8": (b"b\xff", "b\\udcff", "UTF-8"), "grid.png": (b"grid.png", "grid.png", "file of every image set"),
+       "manifest.json": (b"manifest.json", "manifest.json", "file of every image set")}
 COMMANDS = {
     "select": ["select", "--ipc", "1", "--data", "DATA"],
     "pretrain": ["pretrain", "--model", "DiT-Micro/2", "--steps", "1", "--batch-size", "4", "--no-progress",

@@ -121,7 +121,7 @@ def _check_class_folders(names: list[str], root: Path | None, listed_in: Path | 
             except UnicodeEncodeError:  # a name that is not valid UTF-8 holds surrogates: print them escaped
                 shown = ascii(shown)[1:-1]
             where = f"class folder {shown}" if root is not None else f"class {shown!r} in {listed_in}"
-            raise UserError(f"{where}: the name {problem}")
+            raise UserError(f"{where}: its name {problem}")
 
 
 def label_mapping(class_names: list[str], labels: str = "auto", model_classes: int | None = None

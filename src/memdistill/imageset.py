@@ -61,7 +61,7 @@ def class_name_problem(name: str) -> str | None:
     if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
         return "cannot be a folder name in an image set"
     if name in SET_FILES:
-        return f"is the name of an image set's own file ({', '.join(SET_FILES)}); rename the class folder"
+        return f"is taken by a file of every image set ({', '.join(SET_FILES)}); rename the class folder"
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
