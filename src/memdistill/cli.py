@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .options import (EVAL_HELP, SAMPLE_HELP, TRAIN_HELP, TRAIN_RUN_MARKS, _add_run_folder_args, add_config_args,
-                      check_out, config_from_args)
+                      check_command, check_out, config_from_args)
 
 log = logging.getLogger("memdistill")
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="auto", help=TRAIN_HELP["labels"] + " (default: auto)")
     p.add_argument("--skip-bad-images", action="store_true", help=TRAIN_HELP["skip_bad_images"])
     p.add_argument("--ipc", type=int, default=10, help="images per class (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice, 0 to 2147483647 (default: 0)")
     p.add_argument("--out", default="runs/select", help="output image set folder (default: runs/select)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set")
     p.set_defaults(func=_cmd_select)
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # denormals make CPU steps erratically slow
     try:
         runtime.set_threads(getattr(args, "threads", None))
+        check_command(args)  # seeds, --latent-cache, --out against the inputs: before any stage starts
         args.func(args)
     except UserError as err:
         print(f"memdistill {args.command}: error: {err}", file=sys.stderr)

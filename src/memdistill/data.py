@@ -88,6 +88,7 @@ def resolve_classes(subset: str | None, root: Path | None) -> list[str]:
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not names:
             raise UserError(f"dataset folder {root} has no class subfolders")
+        _check_class_folders(names, root)
         return names
     if subset in BUILTIN_SUBSETS:
         return _resource_lines(f"{subset}.txt")
@@ -102,7 +103,25 @@ def resolve_classes(subset: str | None, root: Path | None) -> list[str]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"class list {path} repeats {', '.join(dupes)}")
+    _check_class_folders(names, None, path)
     return names
+
+
+def _check_class_folders(names: list[str], root: Path | None, listed_in: Path | None = None) -> None:
+    """UserError naming the first class (folder) whose name no stage can carry through: every class becomes a
+    folder of an image set and a string in JSON manifests (imageset.class_name_problem)."""
+    from .imageset import class_name_problem
+
+    for name in names:
+        problem = class_name_problem(name)
+        if problem:
+            shown = str(root / name) if root is not None else name
+            try:
+                shown.encode("utf-8")
+            except UnicodeEncodeError:  # a name that is not valid UTF-8 holds surrogates: print them escaped
+                shown = ascii(shown)[1:-1]
+            where = f"class folder {shown}" if root is not None else f"class {shown!r} in {listed_in}"
+            raise UserError(f"{where}: its name {problem}")
 
 
 def label_mapping(class_names: list[str], labels: str = "auto", model_classes: int | None = None

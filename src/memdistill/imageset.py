@@ -49,14 +49,34 @@ def image_name(index: int) -> str:
     return f"{index:05d}.png"
 
 
+MANIFEST = "manifest.json"
+SET_FILES = (MANIFEST, GRID)  # a set's own files beside its class folders
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a class folder of an image set (None when it can): class names become folder
+    names, so nothing that escapes the set folder, hides it, takes the place of one of the set's own files
+    (SET_FILES), or cannot be written into JSON (a name that is not valid UTF-8, as a folder name read from
+    a disk in another encoding can be)."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+        return "cannot be a folder name in an image set"
+    if name in SET_FILES:
+        return f"is taken by a file of every image set ({', '.join(SET_FILES)}); rename the class folder"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8; rename the class folder"
+    return None
+
+
 def _check_class_names(class_names: Sequence[str]) -> list[str]:
     names = [str(n) for n in class_names]
     if not names:
         raise UserError("an image set needs at least one class")
     for n in names:
-        # Class names become folder names: nothing that escapes the set folder or hides the folder.
-        if not n or n in (".", "..") or "/" in n or os.sep in n or n.startswith("."):
-            raise UserError(f"class name {n!r} cannot be a folder name in an image set")
+        problem = class_name_problem(n)
+        if problem:
+            raise UserError(f"class name {n!r} {problem}")
     if len(set(names)) != len(names):
         raise UserError(f"class names repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     return names

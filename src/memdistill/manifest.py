@@ -25,14 +25,39 @@ log = logging.getLogger(__name__)
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
+# Free bytes below which a write that failed without an errno is put down to a full disk.
+NEARLY_FULL = 16 * 2**20
+
+
+def is_disk_full_error(err: BaseException, path: str | Path) -> bool:
+    """Whether ``err``, raised while writing ``path``, means that the disk (or quota) is full: an OSError with
+    ENOSPC/EDQUOT, or an error without an errno (torch.save's zip writer raises RuntimeError "[enforce fail at
+    inline_container.cc] ... file write failed", safetensors its own error) while the disk holding ``path`` has
+    less than NEARLY_FULL bytes free. Bad input (UserError) and interruptions are never a full disk."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in DISK_FULL
+    if not isinstance(err, Exception) or isinstance(err, UserError):
+        return False
+    existing = Path(path)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free < NEARLY_FULL
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def disk_full_is_user_error(path: str | Path, cleanup: str | Path | None = None):
     """Turn a full disk (or quota) while writing ``path`` into a UserError that says so and names the path.
     ``cleanup`` (a file or folder, e.g. the tmp file being written) is removed on any error, so a failed
-    write leaves nothing partial behind. Other OSErrors propagate unchanged (after the cleanup)."""
+    write leaves nothing partial behind. "Full" is is_disk_full_error's rule, so writers that raise no OSError
+    (torch.save, safetensors) are covered too. Other errors propagate unchanged (after the cleanup)."""
     try:
         yield
     except BaseException as err:
+        # Asked before the cleanup, which frees the space the failed write took.
+        full = is_disk_full_error(err, path)
         if cleanup is not None:
             cleanup = Path(cleanup)
             if cleanup.is_dir() and not cleanup.is_symlink():
@@ -42,7 +67,7 @@ def disk_full_is_user_error(path: str | Path, cleanup: str | Path | None = None)
             else:
                 with contextlib.suppress(OSError):
                     cleanup.unlink()
-        if isinstance(err, OSError) and err.errno in DISK_FULL:
+        if full:
             raise UserError(f"the disk is full (or the quota used up) while writing {path}: free some space "
                             f"and run the command again") from None
         raise
@@ -119,13 +144,41 @@ def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 NUMBER = (int, float)
 
 
+NAME_MAX = 255  # bytes of one file name (Linux, macOS and Windows file systems alike)
+PATH_MAX = 4096  # bytes of a whole path (Linux)
+# The longest sibling an output is written through is ".<name>.partial-<pid>" (pid up to 7 digits), and a stage
+# writes files a few levels deep inside it (class folders, checkpoints, .tmp files).
+_SIBLING_EXTRA = len("..partial-") + 10
+_INSIDE_EXTRA = 512
+
+
+def _check_name_lengths(path: Path, option: str) -> None:
+    """UserError when a part of ``path`` or the whole of it is too long to be written (errno 36 later on)."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UserError(f"{option}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long, more than "
+                            f"the {NAME_MAX} a file name can have; choose a shorter {option}")
+    if len(os.fsencode(path.name)) > NAME_MAX - _SIBLING_EXTRA:
+        raise UserError(f"{option}: the name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes long; at "
+                        f"most {NAME_MAX - _SIBLING_EXTRA} bytes leave room for the hidden folder it is written "
+                        f"through; choose a shorter {option}")
+    full = len(os.fsencode(os.path.abspath(os.path.expanduser(str(path)))))
+    if full > PATH_MAX - _INSIDE_EXTRA:
+        raise UserError(f"{option}: the path is {full} bytes long; at most {PATH_MAX - _INSIDE_EXTRA} bytes leave "
+                        f"room for the files written inside it; choose a shorter {option}")
+
+
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     """Refuse, before any work, an output folder that cannot be written: ``path`` is a file, lies inside a
     file, or its nearest existing folder is not writable (permissions, read-only or full disk). Creates
     nothing. Which existing contents a stage may replace is the stage's rule (see refuse_existing).
 
+    Also refused: a name longer than the file system allows, leaving room for the hidden siblings an output is
+    written through (``.<name>.partial-<pid>``), or a path too long to hold a stage's files.
+
     Raises UserError naming ``option`` and the path."""
     path = Path(path)
+    _check_name_lengths(path, option)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} is a file, not a folder; choose another {option}")
     existing = path
@@ -145,6 +198,28 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
         raise UserError(f"{option} {path}: cannot write in {existing} ({err.strerror}); choose another "
                         f"{option}") from None
     return path
+
+
+def refuse_out_over_inputs(out: str | Path, inputs: dict[str, str | Path], contained_ok: bool = False) -> None:
+    """Refuse, before any work, an output folder that overlaps an input: ``out`` equal to an input, lying
+    inside one (the stage would write into the input), or, unless ``contained_ok``, holding one (replacing or
+    writing ``out`` would destroy or pollute the input). ``inputs`` maps an option ("--data") to its path; paths
+    are compared resolved (relative forms, "~", symlinks), so two spellings of one folder are one folder.
+
+    Raises UserError naming both options and what to choose instead."""
+    o = Path(os.path.expanduser(str(out))).resolve()
+    for option, value in inputs.items():
+        i = Path(os.path.expanduser(str(value))).resolve()
+        if o == i:
+            why = f"is the {option} input"
+        elif i in o.parents:
+            why = f"lies inside the {option} input {value}"
+        elif o in i.parents and not contained_ok:
+            why = f"holds the {option} input {value}"
+        else:
+            continue
+        raise UserError(f"--out {out} {why}: writing there would replace or change that input; choose an --out "
+                        f"outside every input")
 
 
 def refuse_existing(path: str | Path, what: str, names: tuple[str, ...] | None = None, overwrite: bool = False,

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Callable
+
+from .errors import UserError
 
 # ----- dataclass <-> argparse --------------------------------------------------------------------------
 def _field_type(tp: Any) -> tuple[type, bool]:
@@ -109,7 +112,7 @@ TRAIN_HELP = {
     "repeat_loss_defect": "reproduce the reference code's re-added class loss (ablation only)",
     "memory_max_t": "only samples at timesteps t below this feed the memory losses and memories "
                     "(default: none, every t, as the paper)",
-    "seed": "seed of every random draw (batch order, timesteps, noise, label dropout, initial weights)",
+    "seed": "seed of every random draw (batch order, timesteps, noise, label dropout, initial weights), 0 to 2147483647",
     "checkpoint_every": "save a resume state every this many steps",
     "log_every": "write a line of metrics.jsonl every this many steps",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
@@ -128,7 +131,7 @@ SAMPLE_HELP = {
     "eta": "DDIM noise, 0 (deterministic) to 1",
     "guided_channels": "guide only the first N latent channels, 3 reproduces the official DiT sampler "
                        "(default: none, all channels)",
-    "seed": "seed of the per-image noise (image i of class c always gets the same noise)",
+    "seed": "seed of the per-image noise (image i of class c always gets the same noise), 0 to 2147483647",
     "batch_size": "images sampled at once (does not change the images)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "precision": "auto, fp32, tf32 or bf16 for the DiT's forward passes: tf32 = TensorFloat-32 matrix products (CUDA "
@@ -157,7 +160,7 @@ EVAL_HELP = {
     "lighting": "PCA lighting noise (std 0.1)",
     "eval_every": "test every this many epochs, and after the last (default: a tenth of the epochs)",
     "repeats": "classifiers trained, each with its own seed",
-    "seed": "seed of the first classifier (repeat r uses seed + r)",
+    "seed": "seed of the first classifier (repeat r uses seed + r), 0 to 2147483647",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "precision": "auto, fp32, tf32 or bf16 for the classifier's forward passes (training and test checks): tf32 = "
                  "TensorFloat-32 matrix products (CUDA only), bf16 = bfloat16 autocast (default: auto = tf32 on "
@@ -181,3 +184,55 @@ def check_out(args: argparse.Namespace, what: str, names: tuple[str, ...] | None
     check_output_folder(args.out)
     refuse_existing(args.out, what, names, overwrite=args.overwrite,
                     resume=getattr(args, "resume", False) if resumable else None)
+
+
+# ----- checks of the whole command line, before any stage starts --------------------------------------------
+# Seeds go through integer mixing (step and image generators) that must stay inside torch's 64-bit seed range.
+SEED_MAX = 2**31 - 1
+
+# The options of each command that name an input path. Embedded dataset names and shipped model names are not
+# paths; evaluate only writes results.json into --out, so there an input may lie inside --out.
+INPUT_OPTIONS = {
+    "pretrain": ("data", "subset", "vae", "latent_cache"),
+    "finetune": ("data", "subset", "init", "vae", "latent_cache"),
+    "sample": ("model", "subset", "vae"),
+    "select": ("data", "subset"),
+    "evaluate": ("train", "test", "subset"),
+    "run": ("data", "subset", "init", "vae", "latent_cache", "test"),
+    "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test"),
+}
+# Outputs created by the stage, so an input path that does not exist yet still counts.
+_CREATED = {"latent_cache"}
+
+
+def _input_paths(args: argparse.Namespace) -> dict[str, str]:
+    """{"--option": path} of the command's input options that name a path (see INPUT_OPTIONS)."""
+    from .data import BUILTIN_SUBSETS, EMBEDDED
+    from .pretrained import SHIPPED
+
+    names = set(EMBEDDED) | set(SHIPPED) | set(BUILTIN_SUBSETS)
+    found = {}
+    for name in INPUT_OPTIONS.get(getattr(args, "command", None), ()):
+        value = getattr(args, name, None)
+        if not value or str(value) in names:
+            continue
+        if name in _CREATED or os.path.lexists(os.path.expanduser(str(value))):
+            found["--" + name.replace("_", "-")] = str(value)
+    return found
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """What every command checks before its stage starts (UserError, one line, naming the option):
+    every seed in 0..SEED_MAX; --latent-cache and --out folders that can be written (see
+    manifest.check_output_folder); --out neither an input, nor
+    inside one, nor (except for evaluate, which writes only results.json) holding one."""
+    from .manifest import check_output_folder, refuse_out_over_inputs
+
+    for name, value in sorted(vars(args).items()):
+        if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value <= SEED_MAX:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer from 0 to {SEED_MAX}, got {value}")
+    if getattr(args, "latent_cache", None):
+        check_output_folder(args.latent_cache, "--latent-cache")
+    if getattr(args, "out", None) is not None:
+        check_output_folder(args.out)  # a file, too long a name, not writable: before comparing paths
+        refuse_out_over_inputs(args.out, _input_paths(args), contained_ok=args.command == "evaluate")

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..evaluate import evaluate_image_set, resolve_test_set
 from ..finetune import finetune
 from ..manifest import NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing, write_json_atomic
 from ..sample import sample_set
-from ..train import TrainConfig
+from ..train import TrainConfig, save_atomic
 from .config import BenchConfig, MEMORY_OF, REAL_METHODS
 
 log = logging.getLogger(__name__)
@@ -175,11 +174,6 @@ class _Bench:
         test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution,
                                channels=self.train_ds.channels)
         test_x, test_y = load_tensors(test_ds)
-        small = [(n, int((test_y == c).sum())) for c, n in enumerate(test_ds.class_names)
-                 if int((test_y == c).sum()) <= cfg.coverage_k]
-        if small:
-            raise UserError(f"coverage with k={cfg.coverage_k} needs more than {cfg.coverage_k} real test images per "
-                            f"class; class {small[0][0]!r} has {small[0][1]}: lower --coverage-k or pass --no-metrics")
         k, channels, side = self.train_ds.num_classes, self.train_ds.channels, self.train_ds.resolution
         spec = {"net": cfg.feature_net, "epochs": cfg.feature_epochs, "seed": cfg.eval.seed,
                 "data": self.train_ds.identity, "num_classes": k, "channels": channels, "resolution": side}
@@ -203,10 +197,8 @@ class _Bench:
                                cfg.feature_epochs, device=resolve_device(cfg.eval.device), generator=g)
             acc = classifier_accuracy(model, test_x, test_y, device=resolve_device(cfg.eval.device))
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
-                       tmp)
-            os.replace(tmp, path)
+            save_atomic({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
+                        path)  # a full disk: one line, no .tmp left
             write_json_atomic(folder / "extractor.json", {**spec, "test_top1": acc})
             log.info("feature extractor: %.2f %% top-1 on the real test set", acc)
         real_f = penultimate_features(model, test_x, device=resolve_device(cfg.eval.device))
@@ -242,6 +234,21 @@ def _prefix_set(source: Path, k: int, out: Path) -> Path:
     return write_image_set(out, images[keep], labels[keep], class_names, fields, overwrite=True)
 
 
+def _check_coverage_k(cfg: BenchConfig, test: str, train_ds) -> None:
+    """UserError unless every class of the real test set has more than --coverage-k images (the k-NN radius
+    of coverage needs k neighbours of the class): checked up front, from the file list (headers only)."""
+    from ..data import open_dataset
+
+    test_ds = open_dataset(test, "test", subset=cfg.finetune.subset, resolution=train_ds.resolution,
+                           channels=train_ds.channels, verify=False)
+    counts = [int((test_ds.targets == c).sum()) for c in range(test_ds.num_classes)]
+    if min(counts) <= cfg.coverage_k:
+        c = counts.index(min(counts))
+        raise UserError(f"--coverage-k {cfg.coverage_k}: coverage needs more than k real test images per class, and "
+                        f"class {test_ds.class_names[c]!r} has {counts[c]}: lower --coverage-k (below "
+                        f"{min(counts)}) or pass --no-metrics")
+
+
 def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -> _Bench:
     """Check everything (options, the output folder, the data against the IPCs, the nets), then, only then,
     prepare ``out``: a refused command writes nothing."""
@@ -274,6 +281,7 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
         build_net(net, ds.num_classes, ds.channels, cfg.eval.image_size or ds.resolution, cfg.eval.norm)
     if cfg.metrics:
         build_net(cfg.feature_net, ds.num_classes, ds.channels, ds.resolution)
+        _check_coverage_k(cfg, test, ds)
 
     # Every check passed: from here on the command writes.
     if not resume and out.exists() and any(out.iterdir()):

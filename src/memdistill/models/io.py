@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -338,10 +339,39 @@ def infer_dit_kwargs(sd: dict[str, torch.Tensor], **arch) -> dict:
     return kw
 
 
-def _check_arch(arch: dict) -> None:
+def _check_arch(arch: dict, source: str = "") -> None:
+    """UserError (naming ``source``, e.g. the config.json it came from) for an unknown DiT argument or one of
+    the wrong type or range: integers (not booleans, not strings such as "8") at least 1, mlp_ratio a finite
+    number > 0, class_dropout_prob in [0, 1), learn_sigma a boolean. A hand-edited or damaged config then
+    ends in one line, not in a TypeError deep inside the model's constructor."""
+    where = f"{source}: " if source else ""
     unknown = sorted(set(arch) - set(_ARCH_KEYS))
     if unknown:
-        raise UserError(f"unknown DiT argument {unknown[0]!r}; allowed: {', '.join(_ARCH_KEYS)}")
+        raise UserError(f"{where}unknown DiT argument {unknown[0]!r}; allowed: {', '.join(_ARCH_KEYS)}")
+    for key, value in arch.items():
+        kind = type(getattr(DiTConfig, key))  # the type of the field's default: int, float or bool
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is bool:
+            ok, allowed = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, allowed = number and isinstance(value, int) and value >= 1, "an integer >= 1"
+        elif key == "class_dropout_prob":
+            ok, allowed = number and 0 <= value < 1, "a number in [0, 1)"
+        else:
+            ok, allowed = number and math.isfinite(value) and value > 0, "a finite number > 0"
+        if not ok:
+            raise UserError(f"{where}DiT argument {key!r} must be {allowed}, got {value!r:.40}")
+
+
+def _model_entry(cfg: dict, source: Path) -> dict:
+    """A copy of the "model" entry of an export's config.json (DiT arguments + "difffit"), its shape checked:
+    an object, with "difffit" (when present) true or false. The arguments themselves: see _check_arch."""
+    if not isinstance(cfg.get("model"), dict):
+        raise UserError(f"{source}: no 'model' entry (an object) with the DiT architecture")
+    kwargs = dict(cfg["model"])
+    if not isinstance(kwargs.get("difffit", False), bool):
+        raise UserError(f"{source}: 'difffit' in 'model' must be true or false, got {kwargs['difffit']!r:.40}")
+    return kwargs
 
 
 def _empty_model(kwargs: dict, difffit: bool) -> DiT:
@@ -397,16 +427,21 @@ def load_dit(path: str | os.PathLike, **arch) -> DiT:
     folder = _resolve_folder(path) if path.is_dir() else None
     difffit = any(_DIFFFIT_RE.match(k) for k in sd)
     if folder is not None and (folder / EXPORT_CONFIG).exists():
-        cfg = _read_json(folder / EXPORT_CONFIG)
+        source = folder / EXPORT_CONFIG
+        cfg = _read_json(source)
         if "model" in cfg:
-            kwargs = dict(cfg["model"])
-            difffit = bool(kwargs.pop("difffit", False)) or difffit
+            kwargs = _model_entry(cfg, source)
+            difffit = kwargs.pop("difffit", False) or difffit
         else:
-            kwargs = dit_kwargs_from_diffusers_config(cfg)
+            try:
+                kwargs = dit_kwargs_from_diffusers_config(cfg)
+            except (TypeError, ValueError) as err:  # e.g. "num_layers": "x" or null
+                raise UserError(f"{source}: not a readable diffusers DiT config ({err})") from None
         kwargs.update(arch)
     else:
+        source = path
         kwargs = infer_dit_kwargs(sd, **arch)
-    _check_arch(kwargs)
+    _check_arch(kwargs, str(source))
     model = _empty_model(kwargs, difffit)
     return load_into(model, sd, source=str(path)).eval()
 
@@ -480,10 +515,8 @@ def load_export(folder: str | os.PathLike) -> tuple[DiT, dict]:
     if not (folder / EXPORT_WEIGHTS).is_file() or not (folder / EXPORT_CONFIG).is_file():
         raise UserError(f"{folder}: not an export folder (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
     cfg = _read_json(folder / EXPORT_CONFIG)
-    if not isinstance(cfg.get("model"), dict):
-        raise UserError(f"{folder / EXPORT_CONFIG}: no 'model' entry with the DiT architecture")
-    kwargs = dict(cfg["model"])
-    difffit = bool(kwargs.pop("difffit", False))
-    _check_arch(kwargs)
+    kwargs = _model_entry(cfg, folder / EXPORT_CONFIG)
+    difffit = kwargs.pop("difffit", False)
+    _check_arch(kwargs, str(folder / EXPORT_CONFIG))
     model = _empty_model(kwargs, difffit)
     return load_into(model, load_safetensors(folder / EXPORT_WEIGHTS), source=str(folder)).eval(), cfg
