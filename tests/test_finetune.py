@@ -373,3 +373,48 @@ def test_finetune_and_select_with_a_relative_data_path(tmp_path, monkeypatch):
                  "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
     assert main(["select", "--data", "./store/train", "--ipc", "2", "--out", "sel"]) == 0
     assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["0", "1", "grid.png", "manifest.json"]
+
+
+# ----- --epochs or --steps ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "run", "bench"])
+def test_an_explicit_epochs_wins_over_the_default_steps(command):
+    """Every command that trains: --epochs alone leaves --steps unset (the default number of steps no longer
+    decides), --steps alone or neither keep the steps."""
+    from memdistill.bench.command import config_from_namespace
+    from memdistill.cli import build_parser
+    from memdistill.finetune import finetune_defaults
+    from memdistill.options import config_from_args
+    from memdistill.pretrain import pretrain_defaults
+
+    base = pretrain_defaults() if command == "pretrain" else finetune_defaults()
+
+    def parsed(*options):
+        args = build_parser().parse_args([command, *options])
+        if command == "bench":
+            return config_from_namespace(args).finetune
+        return config_from_args(TrainConfig, args, base)
+
+    cfg = parsed("--epochs", "0.5")
+    assert (cfg.steps, cfg.epochs) == (None, 0.5)
+    cfg = parsed("--steps", "7")
+    assert (cfg.steps, cfg.epochs) == (7, None)
+    cfg = parsed()
+    assert cfg.steps == base.steps is not None and cfg.epochs is None
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "run", "bench"])
+def test_steps_and_epochs_together_are_refused(command, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([command, "--steps", "3", "--epochs", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--steps" in err[0] and "--epochs" in err[0] and "not both" in err[0], err
+    assert not out.exists()
+
+
+def test_finetune_runs_the_epochs_it_is_given(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # digits: 1437 training images, batch 8 -> 179 steps per epoch; 0.02 epochs -> 4 steps (not the default 500)
+    assert main(["finetune", "--data", "digits", "--init", str(tiny_model), "--out", str(out), "--epochs", "0.02",
+                 "--memory", "none", "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 4
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4

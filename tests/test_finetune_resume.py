@@ -327,3 +327,183 @@ def test_a_full_state_of_an_older_version_still_resumes_under_difffit(tiny_model
     torch.save({**s, "model": full, "ema": full_ema}, old / "checkpoints" / "last.pt")
     assert main(finetune_args(tiny_model, old, 6, *args, "--resume")) == 0
     assert_same_run(ref, old, 6)
+
+
+# ----- a resume continues the same run: same data, same folders, not shorter ----------------------------------
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: " in err[0], err
+    return err[0]
+
+
+def image_tree(root: Path, per_class: int = 6) -> Path:
+    """Two classes of 8x8 grey PNGs (a class-per-folder tree)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / c / f"{i}.png")
+    return root
+
+
+def pretrain_args(data, out, steps, *extra):
+    return ["pretrain", "--data", str(data), "--model", "DiT-Micro/2", "--out", str(out), "--batch-size", "4",
+            "--steps", str(steps), "--checkpoint-every", "1", "--device", "cpu", "--no-progress", *map(str, extra)]
+
+
+def test_resume_refuses_other_data_and_accepts_the_same_folder_however_typed(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    image_tree(work / "imgs")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    assert main(pretrain_args("imgs", "run", 2)) == 0
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["data"] == str((work / "imgs").resolve())  # stored as the folder used, not as typed
+    # the same folder typed otherwise, and from another working directory: the run goes on
+    assert main(pretrain_args("./imgs", "run", 3, "--resume")) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(pretrain_args(work / "imgs", work / "run", 4, "--resume")) == 0
+    assert state(work / "run")["step"] == 4
+    # one more image: other data, refused with one line before anything changes
+    Image.new("L", (8, 8)).save(work / "imgs" / "a" / "new.png")
+    capsys.readouterr()
+    assert main(pretrain_args(work / "imgs", work / "run", 6, "--resume")) == 2
+    err = one_error(capsys)
+    assert "data differ" in err and "--data" in err and "--overwrite" in err, err
+    assert state(work / "run")["step"] == 4
+    # another folder of the same name relative to another working directory is not the run's folder
+    image_tree(elsewhere / "imgs")
+    assert main(pretrain_args("imgs", work / "run", 6, "--resume")) == 2
+    assert "--resume with changed settings (data:" in one_error(capsys)
+
+
+def test_resume_with_init_typed_relative_or_absolute(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "init")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(finetune_args("init", out, 2, "--memory", "fifo", "--checkpoint-every", 1)) == 0
+    assert json.loads((out / "config.json").read_text())["init"] == str((tmp_path / "init").resolve())
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(finetune_args("../init", out, 3, "--memory", "fifo", "--checkpoint-every", 1, "--resume")) == 0
+    assert main(finetune_args(tmp_path / "init", out, 4, "--memory", "fifo", "--checkpoint-every", 1,
+                              "--resume")) == 0
+    assert state(out)["step"] == 4
+
+
+def test_resume_refuses_fewer_steps_than_reached(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_model, out, 3, "--memory", "fifo", "--checkpoint-every", 1)) == 0
+    capsys.readouterr()
+    assert main(finetune_args(tiny_model, out, 1, "--memory", "fifo", "--checkpoint-every", 1, "--resume")) == 2
+    err = one_error(capsys)
+    assert "--steps 1" in err and "step 3" in err, err
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 3 and state(out)["step"] == 3
+    # the same number of steps is a finished run resumed: nothing to do, the same length recorded
+    assert main(finetune_args(tiny_model, out, 3, "--memory", "fifo", "--checkpoint-every", 1, "--resume")) == 0
+
+
+DAMAGED_CONFIGS = {"truncated": '{"data": "digits", "lr"', "not an object": '["a"]', "deleted": None}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_CONFIGS)
+def test_resume_with_a_damaged_config_uses_the_settings_in_the_resume_state(tiny_model, tmp_path, capsys, damage):
+    args = ["--memory", "fifo", "--checkpoint-every", 2]
+    ref, out = tmp_path / "straight", tmp_path / "run"
+    assert main(finetune_args(tiny_model, ref, 4, *args)) == 0
+    assert main(finetune_args(tiny_model, out, 2, *args)) == 0
+    config = out / "config.json"
+    if DAMAGED_CONFIGS[damage] is None:
+        config.unlink()
+    else:
+        config.write_text(DAMAGED_CONFIGS[damage])
+    capsys.readouterr()
+    # other settings are still refused, now by the copy in the resume state
+    assert main(finetune_args(tiny_model, out, 4, *args, "--lr", "0.002", "--resume")) == 2
+    assert "changed settings (lr: 0.001 -> 0.002)" in one_error(capsys)
+    assert main(finetune_args(tiny_model, out, 4, *args, "--resume")) == 0
+    assert json.loads(config.read_text())["memory"] == "fifo"  # written again
+    assert_same_run(ref, out, 4)
+
+
+def test_resume_skips_metrics_lines_that_are_not_rows(tiny_model, tmp_path):
+    args = ["--memory", "fifo", "--checkpoint-every", 2]
+    ref, out = tmp_path / "straight", tmp_path / "run"
+    assert main(finetune_args(tiny_model, ref, 4, *args)) == 0
+    assert main(finetune_args(tiny_model, out, 2, *args)) == 0
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{}\n["a"]\n{"step": "x"}\n7\n{"step": null}\n')
+    assert main(finetune_args(tiny_model, out, 4, *args, "--resume")) == 0
+    assert_same_run(ref, out, 4)
+
+
+# ----- SIGTERM, and what sampling says about an unfinished run -----------------------------------------------
+def test_sigterm_saves_the_completed_step_and_exits_143(tiny_model, tmp_path, monkeypatch):
+    args = ["--memory", "adaptive", "--checkpoint-every", 5]
+    ref, cut = tmp_path / "straight", tmp_path / "terminated"
+    assert main(finetune_args(tiny_model, ref, 12, *args)) == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, 8, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        assert main(finetune_args(tiny_model, cut, 12, *args)) == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the loop's handler is gone again
+    assert state(cut)["step"] == 9  # step 9 completes, then is saved
+    assert not (cut / "export").exists()
+    assert main(finetune_args(tiny_model, cut, 12, *args, "--resume")) == 0
+    assert_same_run(ref, cut, 12)
+
+
+def sample_error(capsys, model, tmp_path) -> str:
+    capsys.readouterr()
+    assert main(["sample", "--model", str(model), "--ipc", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "set")]) == 2
+    return one_error(capsys)
+
+
+def test_sample_of_a_run_stopped_before_its_first_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 0, raise_interrupt)  # before the first step completes: nothing to save
+        assert main(finetune_args(tiny_model, out, 12, "--checkpoint-every", 5)) == 130
+    assert (out / "config.json").is_file() and not (out / "checkpoints" / "last.pt").exists()
+    err = sample_error(capsys, out, tmp_path)
+    assert "unfinished finetune run" in err and "--overwrite" in err and "not a memdistill export" not in err, err
+
+
+def test_sample_of_a_diverged_run_without_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):
+    import memdistill.train as train
+
+    real = train.GaussianDiffusion.training_losses
+
+    def nan_loss(self, *args, **kwargs):
+        terms = real(self, *args, **kwargs)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train.GaussianDiffusion, "training_losses", nan_loss)
+        assert main(finetune_args(tiny_model, out, 4, "--checkpoint-every", 2)) == 2
+    err = sample_error(capsys, out, tmp_path)
+    assert "unfinished finetune run" in err and "not a memdistill export" not in err, err
+
+
+def test_sample_of_a_resume_state_names_what_to_pass(tiny_model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3, raise_interrupt)
+        assert main(finetune_args(tiny_model, out, 12, "--checkpoint-every", 5)) == 130
+    err = sample_error(capsys, out / "checkpoints" / "last.pt", tmp_path)
+    assert "resume state" in err and "not a model" in err and f"--resume --out {out}" in err, err
+    assert main(finetune_args(tiny_model, out, 4, "--checkpoint-every", 5, "--resume")) == 0
+    err = sample_error(capsys, out / "checkpoints" / "last.pt", tmp_path)
+    assert "resume state" in err and f"pass the run folder {out}" in err, err
+    # finetune --init reads models the same way
+    assert main(finetune_args(out / "checkpoints" / "last.pt", tmp_path / "run2", 2)) == 2
+    assert "resume state" in one_error(capsys)

@@ -25,14 +25,40 @@ def one_error_line(capsys) -> str:
     return err
 
 
-def test_a_learning_rate_that_overflows_stops_the_run(tiny_model, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(finetune_args(tiny_model, out, 6, "--lr", "1e30", "--checkpoint-every", 2)) == 2
+@pytest.mark.parametrize("command, option, value", [
+    ("finetune", "--lr", "1e30"), ("finetune", "--lr", "1.5"), ("finetune", "--weight-decay", "1e30"),
+    ("pretrain", "--lr", "2"), ("pretrain", "--weight-decay", "3"),
+    ("evaluate", "--lr", "1e30"), ("evaluate", "--weight-decay", "1e30"), ("evaluate", "--lr", "1.01"),
+])
+def test_learning_rates_and_weight_decays_beyond_1_are_refused(tiny_model, tmp_path, capsys, command, option, value):
+    """Finite but absurd values train to finite garbage (weights of 1e30, chance accuracy): refused up front."""
+    out = tmp_path / "out"
+    args = {"finetune": finetune_args(tiny_model, out, 2),
+            "pretrain": ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "1", "--device", "cpu",
+                         "--out", str(out)],
+            "evaluate": ["evaluate", "--train", str(tmp_path), "--test", "digits", "--device", "cpu",
+                         "--out", str(out)]}[command]
+    assert main([*args, option, value]) == 2
     err = one_error_line(capsys)
-    assert "non-finite" in err and "at step 2" in err and "--lr" in err
-    assert not (out / "export").exists() and not (out / "manifest.json").exists()
-    assert not (out / "checkpoints" / "last.pt").exists()  # step 1's weights were already infinite
-    assert all(json.loads(line)["step"] < 2 for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert f"{option} must be" in err and "<= 1" in err and value in err.replace("+", ""), err
+    assert not out.exists()
+    # the bound is in the help too
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    line = help_text[help_text.index(option + " FLOAT", help_text.index("options:")):][:120]
+    assert "to 1" in line or "at most 1" in line, line
+
+
+def test_the_weights_are_checked_after_the_last_step(tiny_model, tmp_path, capsys, monkeypatch):
+    """The last step is neither a checkpoint nor a log step: its weights are still checked before the export."""
+    out = tmp_path / "run"
+    inject(monkeypatch, 3, "weights")
+    args = finetune_args(tiny_model, out, 3, "--checkpoint-every", 2)
+    args[args.index("--log-every") + 1] = "5"
+    assert main(args) == 2
+    assert "the weights became non-finite (NaN or infinity) at step 3" in one_error_line(capsys)
+    assert not (out / "export").exists()
 
 
 def inject(monkeypatch, at_step: int, where: str):
@@ -129,11 +155,57 @@ def test_sample_writes_no_set_from_non_finite_images(tiny_model, tmp_path, capsy
     assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
-def test_evaluate_writes_no_result_from_a_diverged_classifier(tmp_path, capsys):
+def huge_export(tiny_model, folder: Path) -> Path:
+    """A model that diverged in training to weights that are still finite (what --lr 1e30 used to export)."""
+    shutil.copytree(tiny_model, folder)
+    weights = {k: v * 1e30 if k != "pos_embed" else v for k, v in load_file(folder / EXPORT_WEIGHTS).items()}
+    save_file(weights, str(folder / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("cfg_scale", ["4", "1"])
+def test_non_finite_samples_of_a_diverged_model_blame_the_model(tiny_model, tmp_path, capsys, cfg_scale):
+    model = huge_export(tiny_model, tmp_path / "huge")
+    out = tmp_path / "set"
+    assert main(["sample", "--model", str(model), "--ipc", "1", "--steps", "2", "--cfg-scale", cfg_scale,
+                 "--device", "cpu", "--out", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert "non-finite" in err and "may have diverged" in err and str(model) in err, err
+    assert "smaller --cfg-scale" not in err
+    assert not out.exists()
+
+
+def test_non_finite_samples_from_guidance_alone_blame_the_guidance(tiny_model, tmp_path, capsys, monkeypatch):
+    import memdistill.sample as sample
+
+    real = sample.guided
+
+    def overflowing_guidance(model, scale, channels=None):
+        fn = real(model, scale, channels)
+        return fn if scale == 1 else (lambda x, t, y: fn(x, t, y) * float("inf"))
+
+    monkeypatch.setattr(sample, "guided", overflowing_guidance)
+    out = tmp_path / "set"
+    assert main(["sample", "--model", str(tiny_model), "--ipc", "1", "--steps", "2", "--cfg-scale", "4",
+                 "--device", "cpu", "--out", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert "--cfg-scale 4" in err and "smaller --cfg-scale" in err and "diverged" not in err, err
+    assert not out.exists()
+
+
+def test_evaluate_writes_no_result_from_a_diverged_classifier(tmp_path, capsys, monkeypatch):
     assert main(["select", "--data", "digits", "--ipc", "2", "--out", str(tmp_path / "sel")]) == 0
     capsys.readouterr()
+
+    class PoisonedSGD(torch.optim.SGD):  # a stand-in for a run that diverges within the allowed bounds
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(torch.optim, "SGD", PoisonedSGD)
     out = tmp_path / "eval"
     assert main(["evaluate", "--train", str(tmp_path / "sel"), "--test", "digits", "--epochs", "2", "--repeats", "1",
-                 "--lr", "1e30", "--device", "cpu", "--out", str(out)]) == 2
+                 "--device", "cpu", "--out", str(out)]) == 2
     assert "diverged" in one_error_line(capsys)
     assert not (out / "results.json").exists()

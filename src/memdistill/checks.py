@@ -13,6 +13,19 @@ from .errors import UserError
 # Optimisers work in float32 and refuse (with a traceback) a learning rate or decay float32 cannot hold.
 FLOAT32_MAX = 3.4028234663852886e38
 
+# Realistic upper bounds of the optimisers' learning rate and weight decay (AdamW in fine-tuning and
+# pretraining, SGD in evaluation). A finite but absurd value (--lr 1e30) does not overflow at once: it trains
+# to weights of 1e30 that are still finite, or to chance accuracy, and looks like a result. Why 1:
+# - AdamW's normalised update moves each weight by about lr per step, so lr = 1 already moves every weight by
+#   its own scale each step; DiT and Minimax train at 1e-4, the paper fine-tunes at 1e-3.
+# - SGD in the evaluation protocol trains at 0.01; large-batch recipes reach a few tenths; beyond 1 the steps
+#   of a small classifier diverge.
+# - Weight decay: AdamW's decoupled decay shrinks the weights by lr * wd per step (published values 0-0.1; with
+#   lr near 1, wd > 1 flips their sign every step); SGD's is an L2 coefficient (protocol 5e-4) that beyond 1
+#   outweighs the loss itself.
+MAX_LR = 1.0
+MAX_WEIGHT_DECAY = 1.0
+
 
 def flag(field: str, prefix: str = "") -> str:
     """The command-line spelling of a config field: ``flag("cfg_scale", "sample-")`` -> ``--sample-cfg-scale``."""

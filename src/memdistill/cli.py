@@ -257,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"memdistill {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # 128 + the signal's number, as a shell reports a process the signal ended: 130 Ctrl-C, 143 SIGTERM
+        signum = getattr(err, "signum", 2)
+        print("terminated" if signum == 15 else "interrupted", file=sys.stderr)
+        return 128 + signum
     except OSError as err:
         from .manifest import DISK_FULL
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from memdistill.augment import TrainAugment, cutmix, resize_center_crop, test_transform
-from memdistill.checks import FLOAT32_MAX, flag, require_finite, require_int
+from memdistill.checks import MAX_LR, MAX_WEIGHT_DECAY, flag, require_finite, require_int
 from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
@@ -86,9 +86,9 @@ class EvalConfig:
 
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
-        require_finite(flag("lr", prefix), self.lr, 0, FLOAT32_MAX, low_open=True)
+        require_finite(flag("lr", prefix), self.lr, 0, MAX_LR, low_open=True)
         require_finite(flag("momentum", prefix), self.momentum, 0, 1, high_open=True)  # 1 never forgets: diverges
-        require_finite(flag("weight_decay", prefix), self.weight_decay, 0, FLOAT32_MAX)
+        require_finite(flag("weight_decay", prefix), self.weight_decay, 0, MAX_WEIGHT_DECAY)
         require_finite(flag("cutmix_beta", prefix), self.cutmix_beta, low=0)  # 0 disables CutMix
         for name in ("batch_size", "repeats"):
             require_int(flag(name, prefix), getattr(self, name), low=1)

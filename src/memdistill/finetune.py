@@ -62,7 +62,7 @@ def load_init_model(cfg: TrainConfig, data: TrainData) -> torch.nn.Module:
 def finetune(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     from .models.dit import set_trainable
 
-    cfg = dataclasses.replace(cfg, stage="finetune")
+    cfg = dataclasses.replace(cfg, stage="finetune").with_resolved_paths()
     cfg.validate()
     # The device comes first: under torchrun each rank must be on its own GPU before it loads or encodes data.
     rank, world, device = dist_setup(cfg.device)

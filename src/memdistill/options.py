@@ -58,9 +58,16 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
             kwargs = dict(type=_optional(base) if optional else base, metavar=base.__name__.upper(),
                           help=text if "(default:" in text else
                           f"{text} (default: {'none' if default is None else default})".strip())
-        parser.add_argument(flag, dest=dest, default=default, **kwargs)
+        # --steps and --epochs of a training config: left unset when not given, so that config_from_args can
+        # tell an explicit --epochs from the default length in steps
+        given_only = f.name in UNTIL and all(hasattr(defaults, n) for n in UNTIL)
+        parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS if given_only else default, **kwargs)
         if flag != usual:  # the usual spelling stays as a hidden alias
             parser.add_argument(usual, dest=dest, default=argparse.SUPPRESS, **{**kwargs, "help": argparse.SUPPRESS})
+
+
+# A training run's length: --steps or --epochs (see add_config_args and config_from_args).
+UNTIL = ("steps", "epochs")
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
@@ -68,6 +75,8 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str
         return f"{prefix}_{name}" if prefix else name
 
     values = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(cls) if hasattr(args, dest(f.name))}
+    if "epochs" in values and "steps" not in values and hasattr(base, "steps"):
+        values["steps"] = None  # an explicit --epochs wins over the default --steps (giving both: validate refuses)
     return dataclasses.replace(base, **values)
 
 
@@ -97,11 +106,11 @@ TRAIN_HELP = {
             "or a diffusers DiT folder",
     "train": "parameters to tune: difffit (biases, label table, DiffFit scales) or all",
     "class_dropout": "probability that a label is replaced by the null class (trains classifier-free guidance)",
-    "steps": "optimisation steps (overrides --epochs)",
-    "epochs": "passes over the training images, used when --steps is none (default: none; 1 when both are none)",
+    "steps": "optimisation steps; give --steps or --epochs, not both",
+    "epochs": "passes over the training images, instead of --steps (default: none, the default --steps applies)",
     "batch_size": "global batch size (split over torchrun processes)",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
+    "lr": "AdamW learning rate, 0 to 1",
+    "weight_decay": "AdamW (decoupled) weight decay, 0 to 1",
     "grad_clip": "clip the gradient norm at this value; none: no clipping",
     "ema_decay": "decay of the exponential moving average of the weights that is exported",
     "memory": "memory strategy: adaptive (the paper), fifo (Minimax) or none",
@@ -150,9 +159,9 @@ EVAL_HELP = {
     "image_size": "train/test image size (default: the set's own)",
     "epochs": "training epochs (default: the protocol's by IPC: 1 -> 3000, <=10 -> 2000, <=50 -> 1500, "
               "<=200 -> 1000, <=500 -> 500, else 300)",
-    "lr": "SGD learning rate (multiplied by 0.2 at 2/3 and 5/6 of training)",
+    "lr": "SGD learning rate, above 0 and at most 1 (multiplied by 0.2 at 2/3 and 5/6 of training)",
     "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
+    "weight_decay": "SGD weight decay, 0 to 1",
     "batch_size": "training batch size",
     "cutmix_beta": "CutMix Beta(b, b) parameter; 0 disables",
     "flip": "random horizontal flips (default: on, except for the embedded digit sets)",

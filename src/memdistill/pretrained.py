@@ -35,18 +35,36 @@ def resolve_model(spec: str) -> Path:
         if isinstance(export, str) and export:
             return path / export
     elif path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
-        # A training run killed (or still running) before its export: say so, and how to finish it.
+        # A training run killed (or still running, or stopped by divergence) before its export: say so, and how
+        # to finish it.
         stage = _run_stage(path / "config.json")
         raise UserError(f"{path} is an unfinished {stage} run (a resume state but no export yet); finish it with "
                         f"`memdistill {stage} --resume --out {path}` and the options it was started with "
                         f"(saved in {path / 'config.json'})")
+    elif path.is_dir() and _run_stage(path / "config.json", None):
+        # The settings of a training run and nothing else: it stopped before its first checkpoint.
+        stage = _run_stage(path / "config.json")
+        raise UserError(f"{path} is an unfinished {stage} run that saved no resume state (stopped, killed or "
+                        f"diverged before its first checkpoint) and no export; run it again with `memdistill {stage} "
+                        f"--overwrite --out {path}` and the options saved in {path / 'config.json'}")
+    elif path.is_file() and path.parent.name == "checkpoints" and (
+            path.name == "last.pt" or _run_stage(path.parent.parent / "config.json", None)):
+        run = path.parent.parent
+        stage = _run_stage(run / "config.json")
+        finished = (run / "manifest.json").is_file()
+        advice = (f"pass the run folder {run} (its export) instead" if finished else
+                  f"the run has no export yet: finish it with `memdistill {stage} --resume --out {run}`, then pass {run}")
+        raise UserError(f"{path} is the resume state of the {stage} run {run} (read by --resume), not a model; {advice}")
     return path
 
 
-def _run_stage(config: Path) -> str:
-    """The stage (pretrain / finetune) a run folder's config.json was written by; finetune when unknown."""
+def _run_stage(config: Path, default: str | None = "finetune") -> str | None:
+    """The stage (pretrain / finetune) whose training run wrote ``config`` (a run folder's config.json);
+    ``default`` when the file is missing, damaged or not a training run's (an export's config.json describes
+    a model and has no stage of its own)."""
     try:
-        stage = json.loads(config.read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
-        stage = None
-    return stage if stage in ("pretrain", "finetune") else "finetune"
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return default
+    stage = data.get("stage") if isinstance(data, dict) and not isinstance(data.get("model"), dict) else None
+    return stage if stage in ("pretrain", "finetune") else default

@@ -111,10 +111,33 @@ class Sampler:
         # Checked before decoding's clamp too: NaN is written as black, infinity clamped to white, and either
         # would look like a set.
         if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(images).all())):
-            raise UserError(f"sampling produced non-finite values (NaN or infinity) with --cfg-scale {cfg.cfg_scale:g}, "
-                            f"--sampler {cfg.sampler}, --steps {cfg.steps}; nothing was written. A smaller "
-                            "--cfg-scale, or another model, avoids it")
+            raise UserError(self._non_finite_message(cfg, jobs, z, images, diffusion))
         return images
+
+    def _non_finite_message(self, cfg: SampleConfig, jobs: list[tuple[int, int]], z: torch.Tensor,
+                            images: torch.Tensor, diffusion: GaussianDiffusion) -> str:
+        """Why sampling gave non-finite values, for the error: guidance is blamed only when the first failing
+        image, sampled again without guidance (the same noise), stays finite; otherwise the model is the cause
+        (typically training diverged to huge weights that are still finite)."""
+        bad = (~torch.isfinite(z.float().cpu()).flatten(1).all(1)) | (~torch.isfinite(images).flatten(1).all(1))
+        job = jobs[int(bad.nonzero()[0, 0])]
+        settings = f"--sampler {cfg.sampler}, --steps {cfg.steps}"
+        if cfg.cfg_scale != 1:
+            plain = dataclasses.replace(cfg, cfg_scale=1.0)
+            fn = _at_precision(guided(self.model, 1.0, cfg.guided_channels), self.device, cfg.precision)
+            y = torch.tensor([self.cond_labels[job[0]]], dtype=torch.long)
+            z1 = diffusion.sample(fn, self.latent_shape, y, [image_generator(plain.seed, *job)], steps=plain.steps,
+                                  sampler=plain.sampler, eta=plain.eta, device=self.device,
+                                  clip_x0=self.codec.name == "pixel")
+            if bool(torch.isfinite(z1).all()) and bool(torch.isfinite(self.codec.decode(z1).float()).all()):
+                return (f"sampling produced non-finite values (NaN or infinity) with --cfg-scale {cfg.cfg_scale:g}, "
+                        f"{settings}, and finite ones without guidance; nothing was written. A smaller --cfg-scale "
+                        "avoids it")
+        largest = max((float(p.detach().abs().max()) for p in self.model.parameters() if p.numel()), default=0.0)
+        return (f"sampling produced non-finite values (NaN or infinity) from the model {self.source.get('model')} "
+                f"itself ({settings}{', also without guidance' if cfg.cfg_scale != 1 else ''}; its largest weight "
+                f"is {largest:.3g} in magnitude): the model may have diverged in training; nothing was written. "
+                "Sample another model, or train it again (e.g. with a smaller --lr)")
 
 
 def _at_precision(fn, device: torch.device, precision: str):

@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checks import FLOAT32_MAX, flag, require_finite, require_int
+from .checks import MAX_LR, MAX_WEIGHT_DECAY, flag, require_finite, require_int
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
-from .manifest import refuse_changed_settings, write_json_atomic, write_manifest
+from .manifest import read_json_object, refuse_changed_settings, write_json_atomic, write_manifest
 from .memory import NonFiniteEntry
 from .runtime import announce_precision, autocast, check_precision, matmul_precision, resolve_precision
 
@@ -102,8 +102,8 @@ class TrainConfig:
             raise UserError(f"{opt('train')} must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
         for name in ("lambda_real", "lambda_gen"):
             require_finite(opt(name), getattr(self, name), low=0)
-        for name in ("lr", "weight_decay"):
-            require_finite(opt(name), getattr(self, name), 0, FLOAT32_MAX)
+        require_finite(opt("lr"), self.lr, 0, MAX_LR)
+        require_finite(opt("weight_decay"), self.weight_decay, 0, MAX_WEIGHT_DECAY)
         require_finite(opt("ema_decay"), self.ema_decay, 0, 1, high_open=True)
         require_finite(opt("class_dropout"), self.class_dropout, 0, 1, high_open=True)
         require_finite(opt("epochs"), self.epochs, low=0, low_open=True, optional=True)
@@ -111,8 +111,47 @@ class TrainConfig:
         for name in ("mem_real", "mem_gen", "batch_size", "checkpoint_every", "log_every"):
             require_int(opt(name), getattr(self, name), low=1)
         require_int(opt("steps"), self.steps, low=1, optional=True)
+        if self.steps is not None and self.epochs is not None:
+            raise UserError(f"give {opt('steps')} or {opt('epochs')}, not both (got {self.steps} steps and "
+                            f"{self.epochs:g} epochs)")
         require_int(opt("memory_max_t"), self.memory_max_t, 1, NUM_TIMESTEPS, optional=True)
         check_precision(self.precision, opt("precision"))
+
+    def with_resolved_paths(self) -> "TrainConfig":
+        """This config with its path-valued options (--data, --init, --vae, --latent-cache, a --subset file) as
+        absolute, resolved paths: a run records the folders it used, not the text typed, so that a resume from
+        another working directory, or one typed as ./data instead of data, means the same folders. Names of
+        embedded datasets, shipped models and built-in subsets stay names."""
+        return dataclasses.replace(self, **{k: _resolved(k, getattr(self, k)) for k in PATH_OPTIONS})
+
+
+# Options that name a file or folder (unless the value is a built-in name): compared and stored resolved.
+PATH_OPTIONS = ("data", "init", "vae", "latent_cache", "subset")
+
+
+def _builtin_names(option: str) -> tuple[str, ...]:
+    """The names that ``option`` accepts besides paths (they are never resolved against the working directory)."""
+    if option == "data":
+        from .data import EMBEDDED
+
+        return tuple(EMBEDDED)
+    if option == "init":
+        from .pretrained import SHIPPED
+
+        return tuple(SHIPPED)
+    if option == "subset":
+        from .data import BUILTIN_SUBSETS
+
+        return tuple(BUILTIN_SUBSETS)
+    return ()
+
+
+def _resolved(option: str, value):
+    """``value`` of the path option ``option`` as an absolute path (``~`` expanded, links and .. resolved);
+    None, a non-text value and a built-in name unchanged."""
+    if not isinstance(value, str) or not value or value in _builtin_names(option):
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 # ----- distributed helpers ---------------------------------------------------------------------------
@@ -218,24 +257,31 @@ def total_steps(cfg: TrainConfig, n: int) -> int:
     return max(int(round((cfg.epochs or 1.0) * per_epoch)), 1)
 
 
-def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank: int) -> Path | None:
-    """Returns the resume state to load, if any. Refuses to mix runs in one folder."""
+def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank: int
+                   ) -> tuple[Path | None, bool]:
+    """(the resume state to load, if any; whether the settings were checked against the run's config.json).
+    Refuses to mix runs in one folder, and a resume with other settings than those in config.json. When that
+    file is damaged or gone, the copy of the settings inside the resume state decides instead (check_resume)."""
     state_path = out / "checkpoints" / "last.pt"
     holds_run = (out / "config.json").exists() or state_path.exists()
     if resume:
         if not state_path.exists():
             if holds_run or (out / "manifest.json").exists():
                 raise UserError(f"--resume: {out} has no resume state (checkpoints/last.pt)")
-            return None  # nothing to resume yet: start fresh
-        refuse_changed_settings(json.loads((out / "config.json").read_text()), dataclasses.asdict(cfg),
-                                ignore=RESUMABLE_CHANGES)
-        return state_path
+            return None, False  # nothing to resume yet: start fresh
+        try:
+            saved = read_json_object(out / "config.json")
+        except UserError as err:
+            log.warning("%s; the settings saved in %s are used instead, and config.json is rewritten", err, state_path)
+            return state_path, False
+        check_settings(saved, cfg)
+        return state_path, True
     if holds_run or (out / "manifest.json").exists():
         if not overwrite:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         if rank == 0:
             shutil.rmtree(out)
-    return None
+    return None, False
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -252,6 +298,33 @@ def save_atomic(obj, path: Path) -> None:
 
 
 RESUME_KEYS = ("model", "ema", "opt", "memories", "rng", "step", "config")
+
+
+def check_settings(saved: dict, cfg: TrainConfig) -> None:
+    """Refuse (UserError) a resume whose settings differ from the ``saved`` ones, other than RESUMABLE_CHANGES.
+    Path options are compared resolved; a relative path saved by an older version is taken as relative to the
+    working directory, as it was then read."""
+    saved = {**saved, **{k: _resolved(k, saved.get(k)) for k in PATH_OPTIONS if k in saved}}
+    refuse_changed_settings(saved, dataclasses.asdict(cfg.with_resolved_paths()), ignore=RESUMABLE_CHANGES)
+
+
+def check_resume(state: dict, cfg: TrainConfig, data: TrainData, steps: int, path: Path, settings_checked: bool
+                 ) -> None:
+    """What a resume state must agree with before training goes on (UserError, one line, otherwise): the settings
+    it was saved with (unless ``settings_checked`` against the run's config.json already: a state of an older
+    version may lack settings added since), the data it was trained on (TrainData.identity: the file list with
+    sizes, the resolution, the classes) and a length (``steps``) not below the step it already reached."""
+    if not settings_checked:
+        check_settings(state["config"], cfg)
+    trained_on = state.get("data")  # absent in states of older versions: nothing to compare
+    if trained_on is not None and trained_on != data.identity:
+        raise UserError(f"--resume: the data differ from those the run in {path.parent.parent} was trained on "
+                        f"(--data {cfg.data}: {data.identity}, was {trained_on}); resume on the same images, or "
+                        "start again with --overwrite or another --out")
+    if steps < state["step"]:
+        length = f"--steps {cfg.steps}" if cfg.steps is not None else f"--epochs {cfg.epochs or 1:g} ({steps} steps)"
+        raise UserError(f"--resume: {length} is below step {state['step']}, which the run in {path.parent.parent} "
+                        f"already reached; pass --steps {state['step']} or more (or start again with --overwrite)")
 
 
 def frozen_record(model: torch.nn.Module, init: str | None) -> dict | None:
@@ -316,6 +389,8 @@ def load_resume_state(path: Path) -> dict:
 
     state = load_weights_only(path, "a resume state", map_location="cpu")
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if not missing and not (isinstance(state["config"], dict) and isinstance(state["step"], int)):
+        missing = ["config", "step"]
     if missing:
         raise UserError(f"{path} is not a memdistill resume state (no {', '.join(missing)}); "
                         "start again with --overwrite or another --out")
@@ -350,28 +425,47 @@ def _memories_to(state: dict, device: torch.device) -> dict:
     return state
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (``signum``: SIGINT for Ctrl-C, SIGTERM from kill, a scheduler's
+    time limit or a container stop). A KeyboardInterrupt, so every caller treats both alike; the command line
+    exits with 128 + ``signum``, as a process the signal ended would."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
 class _DeferInterrupt:
-    """While active (single process, main thread): the first Ctrl-C only sets ``requested``, so the step in
-    progress completes and the loop can save it; a second Ctrl-C interrupts at once, as usual."""
+    """While active (single process, main thread): the first SIGINT (Ctrl-C) or SIGTERM only sets
+    ``requested``, so the step in progress completes and the loop can save it; a second signal interrupts at
+    once, as usual. ``interrupt()`` is the exception to raise for the signal received."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, active: bool):
         self.active = active and threading.current_thread() is threading.main_thread()
         self.requested = False
-        self._previous = None
+        self.signum = int(signal.SIGINT)
+        self._previous = {}
+
+    def interrupt(self) -> Interrupted:
+        return Interrupted(self.signum)
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.requested, self.signum = True, signum
 
     def __enter__(self):
         if self.active:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self.active:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            # None: the previous handler was not set from Python (the default is then the one to restore)
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
         return False
 
 
@@ -397,6 +491,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     finish), so ``--resume`` continues from there."""
     from .models.io import save_export
 
+    cfg = cfg.with_resolved_paths()  # recorded (config.json, resume state, manifest) as the folders used
     cfg.validate()
     out = Path(out)
     rank, world, device = dist_setup(cfg.device)
@@ -405,7 +500,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     n = len(data.targets)
     if n < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n} training images")
-    state_path = prepare_output(out, cfg, resume, overwrite, rank)
+    state_path, settings_checked = prepare_output(out, cfg, resume, overwrite, rank)
     if world > 1:
         dist.barrier()
     steps = total_steps(cfg, n)
@@ -436,6 +531,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         # Loaded on the CPU, then each part goes where it lives: load_state_dict copies the weights onto the
         # model's device, AdamW moves its moments beside their parameters, the RNG states stay on the host.
         state = load_resume_state(state_path)
+        check_resume(state, cfg, data, steps, state_path, settings_checked)
         check_frozen(state.get("frozen"), frozen, state_path)
         # ema is the model's copy taken before this load: its frozen entries are the init weights, as they
         # should be (ema_update touches only the trained parameters).
@@ -462,7 +558,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             return
         state = {"model": trainable_state(model, tuned), "ema": trainable_state(ema, tuned), "opt": opt.state_dict(),
                  "memories": memories.state_dict() if memories is not None else None,
-                 "rng": rng_state(), "step": step, "config": dataclasses.asdict(cfg), "frozen": frozen}
+                 "rng": rng_state(), "step": step, "config": dataclasses.asdict(cfg), "frozen": frozen,
+                 "data": data.identity}
         save_atomic(state, out / "checkpoints" / "last.pt")
 
     # The first step whose loss was not finite, recorded on the device every step and read only when the
@@ -500,7 +597,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         with stop:
             for step in range(start, steps):
                 if stop.requested:
-                    raise KeyboardInterrupt
+                    raise stop.interrupt()
                 t0 = time.perf_counter()
                 idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, tuple(latents.shape[1:]), diffusion)
                 x0_all = latents[idx]
@@ -570,13 +667,13 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                     save_state(done)
                     saved = done
                 bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if clean and completed > saved and rank == 0:
             try:
                 check_finite(completed, weights=True, collective=False)  # only rank 0 gets here
             except UserError as err:
                 log.warning("interrupted; no resume state saved: %s", err)
-                raise KeyboardInterrupt from None
+                raise interrupt from None
             save_state(completed)
             saved = completed
         if rank == 0:
@@ -636,10 +733,13 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
-            pass  # blank, or the tail of a line a killed run did not finish writing
+            continue  # blank, or the tail of a line a killed run did not finish writing
+        # a line that is not one of the loop's rows (edited, or of another tool) says nothing about a step
+        done = row.get("step") if isinstance(row, dict) else None
+        if isinstance(done, int) and not isinstance(done, bool) and done <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
