@@ -180,3 +180,17 @@ def test_cache_key_covers_the_seed_and_replaced_files(vae_dir, tmp_path):
     assert path.stat().st_size == size
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a coarse clock still moves on
     assert FolderImageDataset(tmp_path / "tree", None).identity != before
+
+
+def test_latent_cache_on_a_full_disk_is_one_line(vae_dir, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match="disk is full"):
+        encode_dataset(VAECodec(vae_dir), _dataset(), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no tmp file left

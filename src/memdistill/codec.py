@@ -223,18 +223,17 @@ def read_latent_cache(path: Path, count: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file written through a tmp file and a rename: a crash mid-write never leaves a file that a
+    later run takes for a complete cache; a full disk is one line naming ``path``, with no tmp file left."""
     from safetensors.torch import save_file
 
-    # A crash mid-write must never leave a file that a later run takes for a complete cache.
+    from memdistill.manifest import disk_full_is_user_error
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
-    try:
+    with disk_full_is_user_error(path, cleanup=tmp):
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def encode_dataset(
