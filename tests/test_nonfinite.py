@@ -36,7 +36,7 @@ def test_learning_rates_and_weight_decays_beyond_1_are_refused(tiny_model, tmp_p
     args = {"finetune": finetune_args(tiny_model, out, 2),
             "pretrain": ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "1", "--device", "cpu",
                          "--out", str(out)],
-            "evaluate": ["evaluate", "--train", str(tmp_path), "--test", "digits", "--device", "cpu",
+            "evaluate": ["evaluate", "--train", str(tmp_path / "set"), "--test", "digits", "--device", "cpu",
                          "--out", str(out)]}[command]
     assert main([*args, option, value]) == 2
     err = one_error_line(capsys)

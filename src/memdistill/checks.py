@@ -10,9 +10,6 @@ import math
 
 from .errors import UserError
 
-# Optimisers work in float32 and refuse (with a traceback) a learning rate or decay float32 cannot hold.
-FLOAT32_MAX = 3.4028234663852886e38
-
 # Realistic upper bounds of the optimisers' learning rate and weight decay (AdamW in fine-tuning and
 # pretraining, SGD in evaluation). A finite but absurd value (--lr 1e30) does not overflow at once: it trains
 # to weights of 1e30 that are still finite, or to chance accuracy, and looks like a result. Why 1:
