@@ -1,7 +1,7 @@
 """bf16 against fp32, paired: is bf16 autocast's top-1 within the spread over classifier seeds? (issue: use the
 CPU well, item 4: bf16 becomes a default only where it is.)
 
-    python benchmarks/bench_precision.py            # mnist5k, IPC 1, 10, 50; about 25 minutes on one thread
+    python benchmarks/bench_precision.py            # mnist5k, IPC 1, 10, 50; about 36 min of one free core
     python benchmarks/bench_precision.py --quick    # seconds: the 8x8 digits, a few epochs (a smoke test)
 
 For each IPC the train set is the random real selection with select seed 0 (`memdistill select --method random`,
@@ -12,8 +12,9 @@ precisions, the paired differences bf16 - fp32 with their mean ± sample std, th
 std and range), and the wall-time ratio fp32 / bf16. "Within the spread" means: |mean paired difference| <= the
 fp32 sample std over seeds.
 
-Epochs: the protocol's at IPC 1 (3000); at IPC 10 and 50 reduced budgets (300 and 60 instead of 2000 and 1500)
-so that the whole run fits in about 25 minutes on one thread; the output says which were used.
+Epochs: the protocol's at IPC 1 (3000); at IPC 10 and 50 reduced budgets (300 and 60 instead of 2000 and 1500;
+the measured run took 36 min of CPU time, 53 min wall on the loaded machine, see docs/benchmarks.md); the output
+says which were used.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
-# Reduced epochs where the protocol's would not fit the run's ~25 minutes on one thread (None: the protocol's).
+# Reduced epochs where the protocol's would take hours on one thread (None: the protocol's).
 REDUCED_EPOCHS = {1: None, 10: 300, 50: 60}
 PRECISIONS = ("fp32", "bf16")
 
