@@ -116,3 +116,35 @@ def test_paper_scale_runs_every_stage_and_keeps_a_lean_resume_state(tmp_path):
     assert abs(float(resume[5]) - last.stat().st_size / 2**20) < 0.1  # the table's checkpoint MB
     manifest = json.loads((tmp_path / "runs" / "precision-bf16" / "manifest.json").read_text())
     assert manifest["precision"] == "bf16"
+
+
+def test_bench_precision_pairs_seeds_and_judges_the_spread():
+    import bench_precision
+
+    rows = [{"seed": 0, "fp32": 90.0, "bf16": 89.0, "fp32_s": 10.0, "bf16_s": 5.0},
+            {"seed": 1, "fp32": 92.0, "bf16": 92.0, "fp32_s": 10.0, "bf16_s": 5.0},
+            {"seed": 2, "fp32": 94.0, "bf16": 93.0, "fp32_s": 10.0, "bf16_s": 5.0}]
+    stats = bench_precision.summarize(rows)
+    assert stats["diffs"] == [-1.0, 0.0, -1.0]
+    assert stats["diff_mean"] == pytest.approx(-2 / 3) and stats["diff_std"] == pytest.approx(0.57735, abs=1e-4)
+    assert stats["fp32_std"] == pytest.approx(2.0) and stats["fp32_range"] == 4.0 and stats["time_ratio"] == 2.0
+    assert stats["within"]  # |-0.67| <= 2.0
+    tight = [dict(r, fp32=92.0 + 0.1 * i) for i, r in enumerate(rows)]  # fp32 std 0.1: a -2 point shift is outside
+    tight = [dict(r, bf16=r["fp32"] - 2.0) for r in tight]
+    assert not bench_precision.summarize(tight)["within"]
+
+
+def test_bench_precision_quick_prints_paired_rows(capsys):
+    import bench_precision
+
+    assert bench_precision.main(["--quick", "--epochs", "2,2"]) == 0
+    out = capsys.readouterr().out
+    assert "## IPC 1: 2 epochs (reduced from the protocol's 3000)" in out
+    assert "## IPC 5: 2 epochs (reduced from the protocol's 2000)" in out
+    rows = re.findall(r"^\s+(\d) +([\d.]+) +([\d.]+) +([+-][\d.]+) +[\d.]+ +[\d.]+$", out, flags=re.M)
+    assert [seed for seed, *_ in rows] == ["0", "1", "0", "1"]  # the same seeds in both precisions, per IPC
+    for _, fp32, bf16, diff in rows:
+        assert float(diff) == pytest.approx(float(bf16) - float(fp32), abs=0.011)
+    assert len(re.findall(r"^paired bf16 - fp32: [+-][\d.]+ ± [\d.]+ points", out, flags=re.M)) == 2
+    assert len(re.findall(r"^IPC +\d+: [+-][\d.]+ ± [\d.]+ +fp32 std [\d.]+ +(within|OUTSIDE) +x\d", out,
+                          flags=re.M)) == 2
