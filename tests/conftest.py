@@ -34,3 +34,13 @@ def tiny_model(tmp_path_factory):
     save_export(folder, model, {"class_names": DIGITS, "cond_labels": list(range(10)), "codec": {"name": "pixel"},
                                 "image_shape": [1, 8, 8], "latent_shape": [1, 8, 8], "stage": "pretrain"})
     return folder
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """A random real selection of the digits, 2 images per class, written by the select command."""
+    from memdistill.cli import main
+
+    out = tmp_path_factory.mktemp("set") / "sel"
+    assert main(["select", "--data", "digits", "--ipc", "2", "--out", str(out)]) == 0
+    return out

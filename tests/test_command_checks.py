@@ -41,13 +41,6 @@ SEED_OPTIONS = {"pretrain": ["--seed"], "finetune": ["--seed"], "sample": ["--se
                 "bench": ["--seed", "--sample-seed", "--eval-seed"]}
 
 
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory):
-    out = tmp_path_factory.mktemp("set") / "sel"
-    assert run_cli("select", "--data", "digits", "--ipc", "2", "--out", out) == 0
-    return out
-
-
 def argv(command, tiny_model, small_set):
     args = [str(small_set) if a == "SET" else a for a in COMMANDS[command]]
     if command in ("finetune", "run", "sample"):

@@ -16,7 +16,6 @@ from PIL import Image
 from memdistill.cli import main
 from memdistill.errors import UserError
 
-from conftest import DIGITS
 
 
 def run_cli(*args):
@@ -50,13 +49,6 @@ STAGES = {
     "bench": ["bench", "--data", "digits", "--method", "random", "--ipc", "1", "--eval-net", "convnet1",
               "--eval-repeats", "1", "--no-metrics", "--eval-epochs", "1"],
 }
-
-
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory):
-    out = tmp_path_factory.mktemp("set") / "sel"
-    assert run_cli("select", "--data", "digits", "--ipc", "2", "--out", out) == 0
-    return out
 
 
 def stage_args(stage, tiny_model, small_set):
