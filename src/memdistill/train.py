@@ -593,12 +593,14 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     # Under torchrun every rank gets Ctrl-C and they could stop at different steps: there the interrupt
     # is not deferred, and a step is saved only when the interrupt lands between steps.
     stop = _DeferInterrupt(active=world == 1)
+    # step_time is the mean wall time per step since the previous log row, read after the log's host copy (a
+    # device sync on CUDA, where a step's own clock would only time its kernel launches), checkpoints excluded.
+    mark, mark_step = time.perf_counter(), start
     try:
         with stop:
             for step in range(start, steps):
                 if stop.requested:
                     raise stop.interrupt()
-                t0 = time.perf_counter()
                 idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, tuple(latents.shape[1:]), diffusion)
                 x0_all = latents[idx]
                 t_all, noise_all, drop_all = t_all.to(device), noise_all.to(device), drop_all.to(device)
@@ -641,7 +643,6 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                                     "Start again with a smaller --lr (with --overwrite or another --out)") from None
                 ema_update(ema, model, cfg.ema_decay)
                 completed, clean = done, True
-                dt = time.perf_counter() - t0
                 save_now = done % cfg.checkpoint_every == 0 or done == steps
                 if (log_now := done % cfg.log_every == 0 or done == steps) or save_now:
                     check_finite(done, weights=save_now)  # nothing non-finite is logged, saved or exported
@@ -653,6 +654,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                         dist.all_reduce(logged)
                         logged /= world
                     diff, mse, vb = logged.tolist()
+                    dt = (time.perf_counter() - mark) / (done - mark_step)
                 if metrics_file is not None and log_now:
                     # The memory terms stay on the device between log steps: read them only here.
                     parts = {k: v.item() if torch.is_tensor(v) else v for k, v in parts.items()}
@@ -666,6 +668,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                 if save_now:
                     save_state(done)
                     saved = done
+                if log_now or save_now:
+                    mark, mark_step = time.perf_counter(), done
                 bar.update(1)
     except KeyboardInterrupt as interrupt:
         if clean and completed > saved and rank == 0:
