@@ -287,12 +287,19 @@ class MemoryBank:
         (adaptive) says where each entry is stored: a matrix product's rounding may depend on a row's
         position, so a resumed run restores the layout too."""
         unit = gram = rowsum = slots = None
+        rows = []
         if self._age is not None:
             age = self._age
             unit = self._unit.index_select(0, torch.from_numpy(age).to(self._unit.device))
             gram = torch.from_numpy(_square_take(self._gram, age))
             rowsum = torch.from_numpy(self._rowsum[age])
             slots = torch.from_numpy(age.copy())
+            # The normalised rows the losses read were written batch by batch as entries came in; a row norm's
+            # rounding can depend on how many rows one kernel reduces (on CUDA it does), so recomputing them
+            # all at once on resume would not give the same bits: they are saved too.
+            for (dtype, _, eps), cached in self._rows_cache.items():
+                taken = cached.index_select(0, torch.from_numpy(age).to(cached.device))
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "eps": eps, "rows": taken})
         entries = None if self._entries is None else self.tensor().clone()
         return {
             "capacity": self.capacity,
@@ -303,6 +310,7 @@ class MemoryBank:
             "gram": gram,
             "rowsum": rowsum,
             "slots": slots,
+            "rows": rows,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -336,6 +344,14 @@ class MemoryBank:
             gram[np.ix_(age, age)] = self._gram
             self._gram, self._age = gram, age
             self._rowsum[age] = state["rowsum"].cpu().numpy()
+        device = self._entries.device
+        for saved in state.get("rows") or ():  # states without them rebuild the rows on first use
+            dtype = getattr(torch, saved["dtype"], None)
+            if not isinstance(dtype, torch.dtype) or saved["rows"].shape[0] != entries.shape[0]:
+                raise ValueError("adaptive memory state holds malformed normalised rows; it cannot be resumed")
+            full = saved["rows"].new_empty((self._entries.shape[0], saved["rows"].shape[1]), device=device)
+            full[torch.from_numpy(self._age).to(device)] = saved["rows"].to(device)
+            self._rows_cache[(dtype, device, float(saved["eps"]))] = full
 
 
 class ClassMemories:
