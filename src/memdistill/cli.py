@@ -94,7 +94,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out}: results.json there is a folder; choose another --out")
     cfg = config_from_args(EvalConfig, args, EvalConfig())
     result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
-                                resolution=args.resolution, skip_bad_images=args.skip_bad_images)
+                                resolution=args.resolution, skip_bad_images=args.skip_bad_images,
+                                teacher_dir=Path(args.out) / "teacher")
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
     say(f"results written to {Path(args.out) / 'results.json'}")
