@@ -201,3 +201,29 @@ def test_run_and_bench_take_the_soft_label_options(capsys):
     assert "--eval-labels soft needs --eval-teacher" in capsys.readouterr().err
     assert f"({evaluate.TEACHER_EPOCHS} epochs" in " ".join(build_parser()._subparsers._group_actions[0]
                                                            .choices["evaluate"].format_help().split())
+
+
+def test_the_teacher_labels_the_very_batch_the_student_sees(zeros_and_ones, monkeypatch):
+    """Augmented and CutMix-ed: every training forward of the student and of the teacher gets the same images."""
+    from memdistill.softlabels import Teacher
+
+    seen = {"student": [], "teacher": []}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, net, log):
+            super().__init__()
+            self.net, self.log = net, log
+
+        def forward(self, x):
+            if self.training or self.log is seen["teacher"]:  # the student's test checks run in eval mode
+                self.log.append(x.detach().clone())
+            return self.net(x)
+
+    real_build = evaluate.build_net
+    monkeypatch.setattr(evaluate, "build_net", lambda *a, **k: Recorder(real_build(*a, **k), seen["student"]))
+    teacher = Teacher(Recorder(build_net("convnet1", 2, 1, 8), seen["teacher"]).eval(), {"path": "recorder"})
+    config = EvalConfig(net="convnet1", epochs=2, cutmix_beta=1.0, batch_size=16, device="cpu", labels="soft",
+                        teacher="full")
+    train_and_test(*zeros_and_ones, 2, config, teacher=teacher)
+    assert len(seen["student"]) == len(seen["teacher"]) == 2 * 4  # 60 images in batches of 16, two epochs
+    assert all(torch.equal(s, t) for s, t in zip(seen["student"], seen["teacher"]))

@@ -115,7 +115,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
                     eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
+    from .evaluate import labels_line
     from .reports import format_score
+
+    if labels_line(results["results"]):
+        say(labels_line(results["results"]))
 
     for r in results["results"]:
         n = len(r["per_repeat"])

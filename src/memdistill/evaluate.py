@@ -315,14 +315,21 @@ def labels_caption(result: dict) -> str:
             f"sha256 {str(teacher.get('sha256'))[:12]})")
 
 
+def labels_line(results: list[dict]) -> str | None:
+    """"Labels: ..." naming the labels (and teachers) of evaluation results, printed above their table; None
+    when all used the protocol's hard labels (the tables then read as before)."""
+    captions = sorted({labels_caption(r) for r in results})
+    return None if captions == ["hard labels"] else f"Labels: {'; '.join(captions)}"
+
+
 def format_table(results: dict | list[dict]) -> str:
     """Markdown table, one row per evaluate_repeats result; an optional "label" key names the row."""
     rows = [results] if isinstance(results, dict) else list(results)
-    captions = sorted({labels_caption(r) for r in rows})
     modes = {r.get("labels", "hard") for r in rows}
     # The labels are named in the header; a table that mixes both modes names them per row.
     mode = modes.pop() if len(modes) == 1 else "by row"
-    lines = [f"Labels: {'; '.join(captions)}", ""] if captions != ["hard labels"] else []
+    line = labels_line(rows)
+    lines = [line, ""] if line else []
     lines += [f"| run | net | epochs | repeats | best top-1 % ({mode}) | last top-1 % ({mode}) |",
               "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
