@@ -179,7 +179,8 @@ EVAL_HELP = {
               "every augmented, CutMix-ed batch; the same SGD schedule)",
     "teacher": "with --labels soft: a teacher classifier of the same classes and image size (.safetensors, or a torch "
                "state dict of a --net classifier), or full: train one on the whole real train split (30 epochs, hard "
-               "labels) and save it in the output folder's teacher/ for reuse by path (default: none)",
+               "labels) and save it in the output folder's teacher/ for reuse by path (default: none, needed with "
+               "--labels soft)",
     "temperature": "soft-label temperature T; the loss is T^2 * KL(teacher/T || student/T) (default: 20, RDED's "
                    "with CutMix)",
 }
