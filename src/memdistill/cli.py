@@ -94,7 +94,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out}: results.json there is a folder; choose another --out")
     cfg = config_from_args(EvalConfig, args, EvalConfig())
     result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
-                                resolution=args.resolution, skip_bad_images=args.skip_bad_images)
+                                resolution=args.resolution, skip_bad_images=args.skip_bad_images,
+                                teacher_dir=Path(args.out) / "teacher")
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
     say(f"results written to {Path(args.out) / 'results.json'}")
@@ -114,7 +115,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
                     eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
+    from .evaluate import labels_line
     from .reports import format_score
+
+    if labels_line(results["results"]):
+        say(labels_line(results["results"]))
 
     for r in results["results"]:
         n = len(r["per_repeat"])

@@ -1,5 +1,6 @@
 """Evaluation protocol (METHOD.md section 7): train a fresh classifier on a (distilled) train set with hard
-labels, test top-1 on real images; mean +- std over repeats with different seeds.
+labels, test top-1 on real images; mean +- std over repeats with different seeds. ``labels="soft"`` trains on a
+teacher's soft labels instead (softlabels module: loss, temperature, sources), for any train set alike.
 
 The core works on tensors; `evaluate_image_set` loads an image set and a real test set around it.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,10 +23,17 @@ from memdistill.errors import UserError
 from memdistill.nets import build_net
 from memdistill.reports import format_score
 from memdistill.runtime import autocast, check_precision, runtime_info
+from memdistill.softlabels import (FULL, LABEL_MODES, TEMPERATURE, Teacher, kd_loss, load_teacher, save_teacher,
+                                   teacher_meta)
 
 log = logging.getLogger(__name__)
 
 LR_DECAY = 0.2
+# --teacher full: epochs of the teacher's hard-label training on the whole real train split. Our choice, fixed so
+# that every report's teacher is comparable: the protocol's table would give 300 epochs for > 500 images per class,
+# hours per teacher on a CPU; a full split has many images per epoch, so far fewer passes converge.
+TEACHER_EPOCHS = 30
+TEACHER_FILE = "teacher.safetensors"
 # Test checks run in batches of 64: 1.8x faster than 256 on CPU (activations stay in cache; docs/benchmarks.md).
 TEST_BATCH = 64
 
@@ -83,6 +91,9 @@ class EvalConfig:
     device: str = "auto"  # as every stage: CUDA when available
     precision: str = "auto"  # runtime.PRECISIONS for the classifier's forward passes; auto = tf32 on CUDA, else fp32
     compile: bool = False  # torch.compile the training forward (pays off only for long runs; see benchmarks.md)
+    labels: str = "hard"  # hard (the protocol) or soft (a teacher's labels, softlabels module)
+    teacher: str | None = None  # with soft labels: a teacher checkpoint, or "full" (trained on the real train split)
+    temperature: float = TEMPERATURE  # of the soft labels (RDED's, with CutMix)
 
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
@@ -96,6 +107,19 @@ class EvalConfig:
             require_int(flag(name, prefix), getattr(self, name), low=1, optional=True)
         resolve_device(self.device)
         check_precision(self.precision, flag("precision", prefix))
+        if self.labels not in LABEL_MODES:
+            raise UserError(f"{flag('labels', prefix)} must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+        if self.labels == "soft" and not self.teacher:
+            raise UserError(f"{flag('labels', prefix)} soft needs {flag('teacher', prefix)}: a teacher checkpoint "
+                            f"(.safetensors or a torch state dict) or '{FULL}' (trained on the real train split)")
+        if self.labels == "hard" and self.teacher:
+            raise UserError(f"{flag('teacher', prefix)} is used only with {flag('labels', prefix)} soft "
+                            "(hard labels need no teacher)")
+        if self.teacher not in (None, FULL) and not Path(self.teacher).expanduser().is_file():
+            # checked here, so that run and bench refuse it before fine-tuning rather than at evaluation
+            raise UserError(f"{flag('teacher', prefix)} {self.teacher}: no such file; give a teacher checkpoint "
+                            f"(.safetensors or a torch state dict) or '{FULL}' to train one on the real train split")
+        require_finite(flag("temperature", prefix), self.temperature, 0, low_open=True)
 
 
 def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -144,7 +168,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
 
 
 def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                   num_classes: int, config: EvalConfig | None = None, seed: int | None = None) -> dict:
+                   num_classes: int, config: EvalConfig | None = None, seed: int | None = None,
+                   teacher: Teacher | None = None) -> dict:
     """Train one fresh classifier and test it.
 
     Images are (N, C, H, W) in [-1, 1]; labels (N,) int64. seed None -> config.seed; it seeds both the
@@ -152,13 +177,40 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     Returns dict(best=, last=, history=[(epoch, top-1 %)]) with 1-based epochs.
     config.precision bf16 runs the forward passes under bf16 autocast (the loss, the gradients' accumulation
     in the fp32 weights and the optimiser stay fp32); config.compile compiles the training forward.
+    With config.labels "soft" the loss is softlabels.kd_loss against ``teacher``'s logits of the same augmented
+    (and CutMix-ed) batch; ``teacher`` None loads config.teacher (see resolve_teacher). Raises UserError for bad
+    options, data or teacher, and for a run that diverges.
     """
+    return _train(train_x, train_y, test_x, test_y, num_classes, config, seed, teacher)[1]
+
+
+def resolve_teacher(config: EvalConfig, teacher: Teacher | None, num_classes: int, channels: int, size: int,
+                    class_names: list[str] | None = None) -> Teacher | None:
+    """The teacher a run with ``config`` uses: None for hard labels, else ``teacher`` or the checkpoint
+    config.teacher (softlabels.load_teacher). '--teacher full' must have been trained first (full_teacher)."""
+    if config.labels != "soft":
+        return None
+    if teacher is not None:
+        return teacher
+    if config.teacher == FULL:
+        raise UserError(f"--teacher {FULL} is trained by evaluate_image_set (full_teacher); on tensors give a "
+                        "teacher checkpoint")
+    return load_teacher(config.teacher, config.net, config.norm, num_classes, channels, size, class_names)
+
+
+def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+           num_classes: int, config: EvalConfig | None, seed: int | None, teacher: Teacher | None
+           ) -> tuple[torch.nn.Module, dict]:
+    """train_and_test, also returning the trained classifier."""
     config = config or EvalConfig()
     config.validate()
     seed = config.seed if seed is None else seed
     ipc = _check_data(train_x, train_y, test_x, test_y, num_classes)
     device = resolve_device(config.device)
     size = config.image_size or min(train_x.shape[-2:])
+    teacher = resolve_teacher(config, teacher, num_classes, int(train_x.shape[1]), size)
+    if teacher is not None:
+        teacher.model.to(device)
     epochs = resolved_epochs(config, train_y)
     eval_every = config.eval_every or max(1, epochs // 10)
 
@@ -195,7 +247,12 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
                 target = F.one_hot(y, num_classes).float()
             with autocast(device, config.precision):
                 logits = forward(x)
-            loss = F.cross_entropy(logits.float(), target)  # soft targets: (B, classes) probabilities
+                # the teacher labels the very images the student sees: augmented and mixed
+                teacher_logits = teacher(x) if teacher is not None else None
+            if teacher_logits is not None:
+                loss = kd_loss(logits.float(), teacher_logits.float(), config.temperature)
+            else:
+                loss = F.cross_entropy(logits.float(), target)  # soft targets: (B, classes) probabilities
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -209,7 +266,7 @@ def train_and_test(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
             log.debug("epoch %d: loss %.4f, top-1 %.2f%%", epoch + 1, loss.item(), acc)
     best, last = max(acc for _, acc in history), history[-1][1]
     log.info("seed %d: best %.2f%%, last %.2f%%", seed, best, last)
-    return {"best": best, "last": last, "history": history}
+    return model, {"best": best, "last": last, "history": history}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -220,33 +277,65 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate_repeats(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                     num_classes: int, config: EvalConfig | None = None) -> dict:
-    """Run train_and_test `config.repeats` times with seeds seed, seed+1, ...
+                     num_classes: int, config: EvalConfig | None = None, teacher: Teacher | None = None) -> dict:
+    """Run train_and_test `config.repeats` times with seeds seed, seed+1, ... (soft labels: all from one teacher,
+    ``teacher`` or config.teacher's checkpoint).
 
     Std is the sample standard deviation (ddof=1) over repeats; 0 for a single repeat.
     Returns dict(per_repeat=[{seed, best, last}], best_mean, best_std, last_mean, last_std, epochs, net,
-    config).
+    config, labels ("hard"/"soft"), teacher (its identity: path, sha256, net, ...; None for hard labels),
+    temperature (None for hard labels)).
     """
     config = config or EvalConfig()
     config.validate()
+    _check_data(train_x, train_y, test_x, test_y, num_classes)  # before the teacher is read: shapes known good
+    size = config.image_size or min(train_x.shape[-2:])
+    teacher = resolve_teacher(config, teacher, num_classes, int(train_x.shape[1]), size)  # once for all repeats
     per_repeat = []
     for r in range(config.repeats):
         seed = config.seed + r
-        result = train_and_test(train_x, train_y, test_x, test_y, num_classes, config, seed)
+        result = train_and_test(train_x, train_y, test_x, test_y, num_classes, config, seed, teacher)
         per_repeat.append({"seed": seed, "best": result["best"], "last": result["last"]})
     best_mean, best_std = _mean_std([r["best"] for r in per_repeat])
     last_mean, last_std = _mean_std([r["last"] for r in per_repeat])
+    soft = config.labels == "soft"
     return {"per_repeat": per_repeat, "best_mean": best_mean, "best_std": best_std, "last_mean": last_mean,
             "last_std": last_std, "epochs": resolved_epochs(config, train_y), "net": config.net,
-            "config": asdict(config), "runtime": runtime_info()}
+            "config": asdict(config), "runtime": runtime_info(), "labels": config.labels,
+            "teacher": teacher.identity if soft else None, "temperature": config.temperature if soft else None}
+
+
+def labels_caption(result: dict) -> str:
+    """How a result's classifiers were labelled, for a table's header: "hard labels", or "soft labels (KD, T=20;
+    teacher PATH, sha256 0123456789ab)"."""
+    if result.get("labels", "hard") != "soft":
+        return "hard labels"
+    teacher = result.get("teacher") or {}
+    return (f"soft labels (KD, T={result.get('temperature'):g}; teacher {teacher.get('path')}, "
+            f"sha256 {str(teacher.get('sha256'))[:12]})")
+
+
+def labels_line(results: list[dict]) -> str | None:
+    """"Labels: ..." naming the labels (and teachers) of evaluation results, printed above their table; None
+    when all used the protocol's hard labels (the tables then read as before)."""
+    captions = sorted({labels_caption(r) for r in results})
+    return None if captions == ["hard labels"] else f"Labels: {'; '.join(captions)}"
 
 
 def format_table(results: dict | list[dict]) -> str:
     """Markdown table, one row per evaluate_repeats result; an optional "label" key names the row."""
     rows = [results] if isinstance(results, dict) else list(results)
-    lines = ["| run | net | epochs | repeats | best top-1 % | last top-1 % |", "|---|---|---|---|---|---|"]
+    modes = {r.get("labels", "hard") for r in rows}
+    # The labels are named in the header; a table that mixes both modes names them per row.
+    mode = modes.pop() if len(modes) == 1 else "by row"
+    line = labels_line(rows)
+    lines = [line, ""] if line else []
+    lines += [f"| run | net | epochs | repeats | best top-1 % ({mode}) | last top-1 % ({mode}) |",
+              "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         label, n = r.get("label", str(i + 1)), len(r["per_repeat"])
+        if mode == "by row":
+            label = f"{label} ({r.get('labels', 'hard')})"
         lines.append(f"| {label} | {r['net']} | {r['epochs']} | {n} | {format_score(r['best_mean'], r['best_std'], n)} "
                      f"| {format_score(r['last_mean'], r['last_std'], n)} |")
     return "\n".join(lines)
@@ -271,8 +360,6 @@ def with_default_flip(config: EvalConfig, test: str) -> EvalConfig:
     """``flip=None`` means: flip unless the test set is an embedded digit set."""
     if config.flip is not None:
         return config
-    from dataclasses import replace
-
     return replace(config, flip=test not in NO_FLIP_DATASETS)
 
 
@@ -290,11 +377,16 @@ def set_test_default(manifest: dict, train_folder: str | Path) -> str:
 
 def evaluate_image_set(train_folder: str | Path, test: str | None, config: EvalConfig, test_split: str = "test",
                        subset: str | None = None, resolution: int | None = None,
-                       skip_bad_images: bool = False) -> dict:
+                       skip_bad_images: bool = False, teacher_dir: str | Path | None = None,
+                       teacher_data: str | None = None) -> dict:
     """Train classifiers on the image set in ``train_folder`` and test them on the real ``test`` images
     (an embedded dataset's split or a class-per-folder tree; None: the test split of the embedded dataset the
     set was made from, see set_test_default). ``skip_bad_images`` skips unreadable files of a plain class tree
-    (--train) or a test folder with a warning. Returns evaluate_repeats' dict plus where the data came from."""
+    (--train) or a test folder with a warning. Returns evaluate_repeats' dict plus where the data came from.
+
+    Soft labels with config.teacher "full": the teacher is trained on the train split of ``teacher_data`` (None:
+    the embedded test dataset's; a test folder has none: UserError) and saved in ``teacher_dir``, or reused from
+    there (see full_teacher)."""
     from .data import load_tensors, open_dataset
 
     config.validate()  # options first: a bad one is refused before any image is read
@@ -313,7 +405,21 @@ def evaluate_image_set(train_folder: str | Path, test: str | None, config: EvalC
     to_test = torch.tensor([test_names.index(n) for n in class_names], dtype=torch.long)
     train_y = to_test[train_y]
     test_x, test_y = load_tensors(test_ds)
-    result = evaluate_repeats(train_x, train_y, test_x, test_y, len(test_names), config)
+    teacher = None
+    if config.labels == "soft":
+        channels, size = int(train_x.shape[1]), config.image_size or min(train_x.shape[-2:])
+        if config.teacher == FULL:
+            data = teacher_data or (test if test in NO_FLIP_DATASETS else None)
+            if data is None:
+                raise UserError(f"--teacher {FULL} trains on the train split of an embedded --test dataset "
+                                f"({', '.join(NO_FLIP_DATASETS)}); {test} is a folder of test images: give "
+                                "--teacher PATH, a classifier trained on the real train images")
+            teacher = full_teacher(data, subset, config, channels, size, test_names, teacher_dir,
+                                   test_x, test_y, resolution=int(test_x.shape[-1]), skip_bad_images=skip_bad_images)
+        else:
+            teacher = load_teacher(config.teacher, config.net, config.norm, len(test_names), channels, size,
+                                   test_names)
+    result = evaluate_repeats(train_x, train_y, test_x, test_y, len(test_names), config, teacher)
     result.update(train=str(train_folder), test=f"{test}:{test_split}" if test in NO_FLIP_DATASETS else test,
                   method=manifest.get("method") or Path(train_folder).expanduser().resolve().name,
                   ipc=manifest.get("ipc") or images_per_class(train_y), num_test=len(test_y))
@@ -335,3 +441,39 @@ def read_train_folder(folder: str | Path, resolution: int | None = None, skip_ba
     ds = FolderImageDataset(path, None, resolution, skip_bad_images=skip_bad_images, labels="index")
     images, labels = load_tensors(ds)
     return images, labels, list(ds.class_names), {}
+
+
+def full_teacher(data: str, subset: str | None, config: EvalConfig, channels: int, size: int,
+                 class_names: list[str], folder: str | Path | None, test_x: torch.Tensor, test_y: torch.Tensor,
+                 resolution: int | None = None, skip_bad_images: bool = False) -> Teacher:
+    """The teacher of ``--teacher full``: a ``config.net`` classifier trained with hard labels (the protocol,
+    TEACHER_EPOCHS epochs, seed config.seed) on every image of the train split of ``data`` (its ``subset``
+    classes, read at ``resolution``), tested on test_x/test_y (N, C, H, W) in [-1, 1].
+
+    It is saved as ``folder``/<net>.safetensors, with the settings it was trained with and its test top-1, and
+    reused from there when they match (a second evaluate can also name that file with --teacher PATH).
+    Raises UserError when ``folder`` is None or the train split's classes differ from ``class_names``."""
+    from .data import load_tensors, open_dataset
+
+    if folder is None:
+        raise UserError(f"--teacher {FULL} needs an output folder to save the teacher in")
+    path = Path(folder) / f"{config.net}.safetensors"
+    train_config = replace(config, labels="hard", teacher=None, epochs=TEACHER_EPOCHS, repeats=1, eval_every=None)
+    settings = {k: v for k, v in asdict(train_config).items() if k not in ("device", "compile", "repeats")}
+    meta = {"data": f"{data}:train", "subset": subset, "class_names": list(class_names),
+            "num_classes": len(class_names), "channels": channels, "image_size": size, "net": config.net,
+            "norm": config.norm, "epochs": TEACHER_EPOCHS, "settings": settings}
+    if path.is_file() and {k: v for k, v in teacher_meta(path).items() if k != "top1"} == meta:
+        log.info("teacher: reusing %s", path)
+        return load_teacher(path, config.net, config.norm, len(class_names), channels, size, class_names)
+    ds = open_dataset(data, "train", subset=subset, resolution=resolution, skip_bad_images=skip_bad_images,
+                      channels=channels)
+    if list(ds.class_names) != list(class_names):
+        raise UserError(f"--teacher {FULL}: the classes of {data}'s train split differ from the test set's "
+                        "(or their order); train a teacher on the same classes and give it as --teacher PATH")
+    train_x, train_y = load_tensors(ds)
+    log.info("teacher: training %s on all %d real train images of %s, %d epochs", config.net, len(train_x), data,
+             TEACHER_EPOCHS)
+    model, result = _train(train_x, train_y, test_x, test_y, len(class_names), train_config, None, None)
+    save_teacher(model, path, {**meta, "top1": result["last"]})
+    return load_teacher(path, config.net, config.norm, len(class_names), channels, size, class_names)

@@ -175,6 +175,14 @@ EVAL_HELP = {
                  "TensorFloat-32 matrix products (CUDA only), bf16 = bfloat16 autocast (default: auto = tf32 on "
                  "CUDA, fp32 on the CPU)",
     "compile": "torch.compile the classifier (pays off only for long runs)",
+    "labels": "hard (the protocol's labels) or soft (knowledge distillation from --teacher: the teacher labels "
+              "every augmented, CutMix-ed batch; the same SGD schedule)",
+    "teacher": "with --labels soft: a teacher classifier of the same classes and image size (.safetensors, or a torch "
+               "state dict of a --net classifier), or full: train one on the whole real train split (30 epochs, hard "
+               "labels) and save it in the output folder's teacher/ for reuse by path (default: none, needed with "
+               "--labels soft)",
+    "temperature": "soft-label temperature T; the loss is T^2 * KL(teacher/T || student/T) (default: 20, RDED's "
+                   "with CutMix)",
 }
 
 
@@ -206,9 +214,9 @@ INPUT_OPTIONS = {
     "finetune": ("data", "subset", "init", "vae", "latent_cache"),
     "sample": ("model", "subset", "vae"),
     "select": ("data", "subset"),
-    "evaluate": ("train", "test", "subset"),
-    "run": ("data", "subset", "init", "vae", "latent_cache", "test"),
-    "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test"),
+    "evaluate": ("train", "test", "subset", "teacher"),
+    "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher"),
+    "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test", "eval_teacher"),
 }
 # Outputs created by the stage, so an input path that does not exist yet still counts.
 _CREATED = {"latent_cache"}
@@ -219,7 +227,7 @@ def _input_paths(args: argparse.Namespace) -> dict[str, str]:
     from .data import BUILTIN_SUBSETS, EMBEDDED
     from .pretrained import SHIPPED
 
-    names = set(EMBEDDED) | set(SHIPPED) | set(BUILTIN_SUBSETS)
+    names = set(EMBEDDED) | set(SHIPPED) | set(BUILTIN_SUBSETS) | {"full"}  # --teacher full: trained, not read
     found = {}
     for name in INPUT_OPTIONS.get(getattr(args, "command", None), ()):
         value = getattr(args, name, None)

@@ -192,8 +192,9 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
         if path.is_file():
             result = read_json_object(path, EVAL_KEYS, what="delete it to evaluate that set again")
         else:
+            # soft labels: the same teacher for every set, trained once on the train split into teacher/
             result = timed(f"evaluate {name}", evaluate_image_set, folder, test, eval_cfg,
-                           subset=ft.subset, resolution=None)
+                           subset=ft.subset, resolution=None, teacher_dir=out / "teacher", teacher_data=ft.data)
             write_json_atomic(path, result)
         result["method"] = name
         results.append(result)

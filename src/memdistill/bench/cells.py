@@ -127,8 +127,10 @@ class _Bench:
         log.info("cell %s: evaluating %s, %d repeats", label, net, self.cfg.repeats)
         config = dataclasses.replace(self.cfg.eval, net=net, repeats=self.cfg.repeats)
         t0 = time.perf_counter()
+        # soft labels: one teacher per net, trained on the fine-tuning data's train split and kept in teacher/
         result = self.timed(f"evaluate {label}", evaluate_image_set, set_folder, self.test, config,
-                            subset=self.cfg.finetune.subset)
+                            subset=self.cfg.finetune.subset, teacher_dir=self.out / "teacher",
+                            teacher_data=self.cfg.finetune.data)
         result["wall_s"] = time.perf_counter() - t0
         write_json_atomic(path, result)
         log.info("cell %s: %.2f ± %.2f %%", label, result["best_mean"], result["best_std"])

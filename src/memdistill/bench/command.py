@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 
-from ..evaluate import EvalConfig
+from ..evaluate import EvalConfig, labels_line
 from ..sample import SampleConfig
 from ..train import TrainConfig
 from .config import METHODS, BenchConfig
@@ -84,5 +84,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             print(f"{p['parameter']:>12} = {p['value']:<8g} best {p['best_mean']:.2f} ± {p['best_std']:.2f}")
     else:
         result = json.loads((report.parent / "bench.json").read_text())
+        if labels_line(result["cells"]):
+            print(labels_line(result["cells"]))
         print(accuracy_table(result["cells"], result["methods"], result["ipcs"], result["nets"]))
     print(f"report: {report}")

@@ -62,7 +62,10 @@ def _run_grid(bench: _Bench) -> Path:
                 result = bench.cell(out / "cells" / f"{label}.json", sets[m, k], net, label)
                 cells.append({"method": m, "ipc": k, "net": net,
                               **{key: result[key] for key in ("best_mean", "best_std", "last_mean", "last_std",
-                                                              "per_repeat", "epochs")}})
+                                                              "per_repeat", "epochs")},
+                              # how the cell was labelled (cells from before soft labels: hard)
+                              "labels": result.get("labels", "hard"), "teacher": result.get("teacher"),
+                              "temperature": result.get("temperature")})
     metrics = []
     if cfg.metrics:
         for m in methods:
