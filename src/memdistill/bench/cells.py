@@ -21,7 +21,7 @@ from ..evaluate import evaluate_image_set, resolve_test_set
 from ..finetune import finetune
 from ..manifest import NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing, write_json_atomic
 from ..sample import sample_set
-from ..train import TrainConfig, save_atomic
+from ..train import TrainConfig
 from .config import BenchConfig, MEMORY_OF, REAL_METHODS
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class _Bench:
             saved = read_json_object(path, what="delete it to drop the stored timings")
             self.timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
         self._features = None
+        self._judge = None
 
     def timed(self, name: str, fn: Callable, *args, **kwargs):
         t0 = time.perf_counter()
@@ -136,17 +137,17 @@ class _Bench:
 
     def set_metrics(self, path: Path, set_folder: Path, label: str) -> dict:
         from ..imageset import read_image_set
-        from ..metrics import coverage, penultimate_features, within_class_diversity
+        from ..metrics import coverage, within_class_diversity
 
         if path.is_file():
             data = read_json_object(path, {"coverage": NUMBER}, what="delete it to measure that set again")
             if data.get("diversity") is not None and not isinstance(data["diversity"], NUMBER):
                 raise UserError(f"{path}: 'diversity' must be a number or null; delete it to measure that set again")
             return data
-        extractor, real_f, real_y = self.feature_space()
+        judge, real_f, real_y = self.feature_space()
         t0 = time.perf_counter()
         images, labels, _, _ = read_image_set(set_folder)
-        feats = penultimate_features(extractor, self._fit(images), device=resolve_device(self.cfg.eval.device))
+        feats = judge.features(images)
         result = {"diversity": _nan_to_none(within_class_diversity(feats, labels)),
                   "coverage": coverage(real_f, real_y, feats, labels, self.cfg.coverage_k),
                   "k": self.cfg.coverage_k, "feature_net": self.cfg.feature_net, "set": str(set_folder)}
@@ -155,63 +156,42 @@ class _Bench:
         write_json_atomic(path, result)
         return result
 
-    def _fit(self, images: torch.Tensor) -> torch.Tensor:
-        """Images at the feature classifier's resolution (the real train split's)."""
-        from ..augment import resize_center_crop
+    def judge(self):
+        """The feature classifier of the metrics (judge.load_judge: trained once per dataset and settings, shared
+        through the judge cache with every other command)."""
+        if self._judge is None:
+            from ..judge import load_judge
 
-        side = self.train_ds.resolution
-        return images if images.shape[-1] == side and images.shape[-2] == side else resize_center_crop(images, side)
+            cfg = self.cfg
+            self._judge = load_judge(self.train_ds, cfg.feature_net, cfg.feature_epochs, cfg.eval.seed,
+                                     cfg.sample.judge_cache, resolve_device(cfg.eval.device), "--sample-judge-cache")
+        return self._judge
 
     def feature_space(self):
-        """(extractor, real test features (N, D), test labels (N,)); the extractor is trained once and cached."""
+        """(judge, real test features (N, D), test labels (N,)); extractor.json records the judge and its
+        top-1 on the real test set."""
         if self._features is not None:
             return self._features
         from ..data import load_tensors, open_dataset
-        from ..metrics import classifier_accuracy, penultimate_features, train_feature_extractor
-        from ..nets import build_net
+        from ..metrics import classifier_accuracy
 
-        cfg, folder = self.cfg, self.out / "features"
-        test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution,
+        judge = self.judge()
+        test_ds = open_dataset(self.test, "test", subset=self.cfg.finetune.subset, resolution=self.train_ds.resolution,
                                channels=self.train_ds.channels)
         test_x, test_y = load_tensors(test_ds)
-        k, channels, side = self.train_ds.num_classes, self.train_ds.channels, self.train_ds.resolution
-        spec = {"net": cfg.feature_net, "epochs": cfg.feature_epochs, "seed": cfg.eval.seed,
-                "data": self.train_ds.identity, "num_classes": k, "channels": channels, "resolution": side}
-        model = build_net(cfg.feature_net, k, channels, side)
-        path = folder / "extractor.pt"
-        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-        try:
-            cached = json.loads(saved["spec"]) == spec and isinstance(saved["state_dict"], dict)
-        except (TypeError, KeyError, ValueError):
-            cached = False  # no cache, or one of another shape: train the extractor again
-        if cached:
-            model.load_state_dict(saved["state_dict"])
-            model = model.to(resolve_device(cfg.eval.device)).eval()
-            log.info("feature extractor: cached in %s", path)
-        else:
-            train_x, train_y = load_tensors(self.train_ds)
-            g = torch.Generator().manual_seed(cfg.eval.seed)
-            log.info("feature extractor: training %s for %d epochs on %d real images", cfg.feature_net,
-                     cfg.feature_epochs, len(train_y))
-            model = self.timed("feature extractor", train_feature_extractor, train_x, train_y, k, cfg.feature_net,
-                               cfg.feature_epochs, device=resolve_device(cfg.eval.device), generator=g)
-            acc = classifier_accuracy(model, test_x, test_y, device=resolve_device(cfg.eval.device))
-            folder.mkdir(parents=True, exist_ok=True)
-            save_atomic({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
-                        path)  # a full disk: one line, no .tmp left
-            write_json_atomic(folder / "extractor.json", {**spec, "test_top1": acc})
+        info = self.out / "features" / "extractor.json"
+        if not info.is_file():
+            acc = classifier_accuracy(judge.model, test_x, test_y, device=judge.device)
+            info.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(info, {**judge.identity(), "test_top1": acc})
             log.info("feature extractor: %.2f %% top-1 on the real test set", acc)
-        real_f = penultimate_features(model, test_x, device=resolve_device(cfg.eval.device))
-        self._features = (model, real_f, test_y)
+        self._features = (judge, judge.features(test_x), test_y)
         return self._features
 
     def extractor_info(self) -> dict | None:
         path = self.out / "features" / "extractor.json"
         return read_json_object(path, {"net": str, "epochs": int, "test_top1": NUMBER},
                                 what="delete the features folder to train the extractor again") if path.is_file() else None
-
-
-# Keys of a cells/*.json that the tables read.
 
 
 # Keys of a cells/*.json that the tables read.

@@ -53,8 +53,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_config_args(p, defaults, skip={"finetune", "sample", "eval"}, help=BENCH_HELP,
                     flags={"methods": "--method", "ipcs": "--ipc", "nets": "--eval-net", "repeats": "--eval-repeats"})
     add_config_args(p, defaults.finetune, skip={"model", "stage", "memory"}, help=TRAIN_HELP)
-    add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"}, help=SAMPLE_HELP,
-                    prefix="sample")
+    # Pool and rule come with a method variant (METHOD+select:RULE[:F]), one per column, not as one setting
+    add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels", "pool", "select",
+                                              "keep_pool", "from_pool"}, help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, defaults.eval, skip={"net", "repeats"}, help=EVAL_HELP, prefix="eval")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--resume", action="store_true", help="continue the bench in --out; finished cells are kept")
