@@ -176,3 +176,16 @@ def test_a_judge_needs_known_data(tiny_model, tmp_path, capsys):
                  "confident", "--out", str(tmp_path / "s")]) == 2
     assert "give --judge-data" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # the hidden pool is removed
+
+
+def test_run_takes_the_pool_and_rule_as_sample_options():
+    from memdistill.cli import build_parser
+    from memdistill.errors import UserError
+    from memdistill.options import config_from_args
+    from memdistill.run import RunConfig
+
+    args = build_parser().parse_args(["run", "--sample-pool", "3", "--sample-select", "kcenter"])
+    sample = config_from_args(SampleConfig, args, RunConfig().sample, prefix="sample")
+    assert (sample.pool, sample.select) == (3.0, "kcenter")
+    with pytest.raises(UserError, match="--sample-pool needs a selection rule: give --sample-select"):
+        RunConfig(sample=SampleConfig(pool=2)).validate()

@@ -139,12 +139,13 @@ def judge_data_default(pool_manifest: dict) -> str | None:
 
 
 def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, size: int | None = None,
-                     seed: int = 0, judge_data: str | None = None, judge_net: str = "convnet3",
+                     seed: int = 0, judge_data: str | None = None, judge_subset: str | None = None, judge_net: str = "convnet3",
                      judge_epochs: int = 5, judge_seed: int = 0, judge_cache: str | Path | None = None, device: str = "cpu",
                      overwrite: bool = False, kept_pool: bool = True, config: dict | None = None) -> Path:
     """Keep ``ipc`` of the first ``size`` candidates (default: all) of every class of the image set ``pool`` by
     ``rule`` and write them (in pick order) as the image set ``out``; ``seed`` drives the random rule. The judge (judge.load_judge) is trained on
-    the real train split of ``judge_data`` (default: judge_data_default) at the pool's resolution.
+    the real train split of ``judge_data`` (classes ``judge_subset``; default: judge_data_default) at the pool's
+    resolution.
 
     The manifest keeps the pool's fields (model, seed, data) and adds "selection": pool factor and size, rule,
     judge identity (None for random) and, per class, the kept candidate indices; ``config`` updates its
@@ -163,7 +164,7 @@ def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, 
     judge, real_loss = None, {}
     if rule in NEEDS_JUDGE:
         judge, real_loss = _judge_for(manifest, class_names, images.shape[1], images.shape[-1], rule, judge_data,
-                                      judge_net, judge_epochs, judge_seed, judge_cache, device, pool)
+                                      judge_subset, judge_net, judge_epochs, judge_seed, judge_cache, device, pool)
     picks, kept = [], []
     # The random rule draws per class from (seed, the class's position in the model's class list), so a set
     # sampled with --classes keeps the same picks.
@@ -186,7 +187,8 @@ def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, 
     return write_image_set(out, images[chosen], labels[chosen], class_names, fields, overwrite=overwrite)
 
 
-def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data, net: str,
+def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data, subset,
+               net: str,
                epochs: int, seed: int, cache, device: str, pool):
     """(judge, {class name: real losses (m,)} for difficulty) for a pool of ``class_names``."""
     from .data import load_tensors, open_dataset
@@ -197,7 +199,7 @@ def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int,
     if data is None:
         raise UserError(f"--select {rule} needs a judge trained on the real train images, and the model of {pool} "
                         "does not record an embedded dataset: give --judge-data (the real train images)")
-    train = open_dataset(data, "train", resolution=side, channels=channels)
+    train = open_dataset(data, "train", subset=subset, resolution=side, channels=channels)
     missing = [n for n in class_names if n not in train.class_names]
     if missing:
         raise UserError(f"--judge-data {data}: it lacks the classes {', '.join(missing[:5])} of the pool {pool}")

@@ -22,7 +22,7 @@ from ..finetune import finetune
 from ..manifest import NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing, write_json_atomic
 from ..sample import sample_set
 from ..train import TrainConfig
-from .config import BenchConfig, MEMORY_OF, REAL_METHODS
+from .config import BenchConfig, MEMORY_OF, REAL_METHODS, parse_method
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # ----- the run ------------------------------------------------------------------------------------------------
 # Settings that change what is observed or how fast, not what is computed: a resume may change them.
 _FREE = {"finetune": {"checkpoint_every", "log_every", "device", "progress", "memory"},
-         "sample": {"device", "batch_size", "model", "ipc", "classes"},
+         "sample": {"device", "batch_size", "model", "ipc", "classes", "judge_cache"},
          "eval": {"device", "net", "repeats"}}
 
 
@@ -109,9 +109,12 @@ class _Bench:
         return self.timed(f"sample {folder.name}", sample_set, sample, folder, overwrite=True)
 
     def image_set(self, method: str, model: str | None, ipc: int, largest: int, sets: Path) -> Path:
-        folder = sets / f"{method}-ipc{ipc}"
+        variant = parse_method(method)
+        folder = sets / f"{variant.slug()}-ipc{ipc}"
         if (folder / "manifest.json").is_file():
             return folder
+        if "select" in variant.levers:
+            return self.selected_set(variant.base, model, variant.levers["select"], ipc, largest, sets, folder)
         if ipc == largest:
             return self.draw(method, model, ipc, folder)
         # Image i of class c is drawn from its own seed (seed, c, i) when sampling, and the real baselines
@@ -120,6 +123,24 @@ class _Bench:
         # drawn once, at the largest IPC, and the smaller sets are its prefixes.
         source = self.image_set(method, model, largest, largest, sets)
         return _prefix_set(source, ipc, folder)
+
+    def selected_set(self, base: str, model: str | None, select: dict, ipc: int, largest: int, sets: Path,
+                     folder: Path) -> Path:
+        """IPC candidates per class kept by select["rule"] from the pool of factor select["pool"] of ``base``.
+
+        One pool per (method, model, F) serves every rule and IPC: it is sampled once with ceil(F x largest IPC)
+        candidates per class, and candidate j is image j of the plain sampler, so its first ceil(F x k)
+        candidates are the pool of IPC k."""
+        from ..selection import pool_size, select_from_pool
+
+        factor, s, ft = select["pool"], self.cfg.sample, self.cfg.finetune
+        pool = sets / f"pool-{base}-x{factor:g}-n{pool_size(factor, largest)}"
+        if not (pool / "manifest.json").is_file():
+            self.draw(base, model, pool_size(factor, largest), pool)
+        return self.timed(f"select {folder.name}", select_from_pool, pool, select["rule"], ipc, folder,
+                          size=pool_size(factor, ipc), seed=s.seed, judge_data=s.judge_data or ft.data,
+                          judge_subset=None if s.judge_data else ft.subset, judge_net=s.judge_net,
+                          judge_epochs=s.judge_epochs, judge_cache=s.judge_cache, device=s.device, overwrite=True)
 
     # -- evaluation and metrics
     def cell(self, path: Path, set_folder: Path, net: str, label: str) -> dict:
@@ -238,7 +259,7 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
     out = check_output_folder(out)
     ft = cfg.finetune
     test = resolve_test_set(ft.data, cfg.test)
-    if "dit" in cfg.method_list() or set(MEMORY_OF) & set(cfg.method_list()) or cfg.sweep:
+    if "dit" in cfg.base_methods() or set(MEMORY_OF) & set(cfg.base_methods()) or cfg.sweep:
         if ft.init is None:
             raise UserError("bench needs --init (the pretrained model) for the dit, minimax and adaptive methods")
     fingerprint = _fingerprint(cfg, test)
