@@ -107,9 +107,10 @@ def random_order(n: int, k: int, seed: int, class_index: int) -> list[int]:
 
 def choose(rule: str, images: torch.Tensor, label: int, k: int, seed: int = 0, judge=None,
            real_loss: torch.Tensor | None = None) -> list[int]:
-    """The ``k`` candidates that ``rule`` keeps among ``images`` (n, C, H, W) in [-1, 1] of one class, whose index
-    in the judge's classes is ``label``; ``real_loss``: the judge's losses of that class's real images
-    (difficulty only). Returns candidate indices in pick order."""
+    """The ``k`` candidates that ``rule`` keeps among ``images`` (n, C, H, W) in [-1, 1] of one class: ``label``
+    is the class's index in the judge's classes (in the model's class list for random, which needs no judge);
+    ``real_loss``: the judge's losses of that class's real images (difficulty only). Returns candidate indices
+    in pick order; ValueError when a judged rule gets no judge, UserError for an unknown rule."""
     if rule == "random":
         return random_order(len(images), k, seed, label)
     if judge is None:
