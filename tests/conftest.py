@@ -15,6 +15,18 @@ def _one_thread():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _judge_cache(tmp_path_factory):
+    """Judges trained by tests go to a temporary cache, never the user's ~/.cache/memdistill."""
+    saved = os.environ.get("MEMDISTILL_CACHE")
+    os.environ["MEMDISTILL_CACHE"] = str(tmp_path_factory.mktemp("memdistill-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MEMDISTILL_CACHE", None)
+    else:
+        os.environ["MEMDISTILL_CACHE"] = saved
+
+
 DIGITS = [str(i) for i in range(10)]
 
 

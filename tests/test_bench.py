@@ -50,7 +50,7 @@ def test_bench_grid_and_resume_of_one_cell(tiny_model, tmp_path, counters, capsy
     common = ["--init", tiny_model, *TINY, "--method", "random,dit,adaptive", "--ipc", "1,2", "--out", out]
     bench_cli(*common)
     assert "| IPC | net | Random | DiT | Adaptive |" in capsys.readouterr().out
-    for name in ("bench.json", "bench.md", "accuracy_vs_ipc.png", "features/extractor.pt", "timings.json"):
+    for name in ("bench.json", "bench.md", "accuracy_vs_ipc.png", "features/extractor.json", "timings.json"):
         assert (out / name).is_file(), name
     result = json.loads((out / "bench.json").read_text())
     assert [(c["method"], c["ipc"], c["net"]) for c in result["cells"]] == [

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated real baselines: random, herding, or '' (default: random)")
     p.add_argument("--test", default=None, help="real test images (default: the embedded dataset's test split)")
     add_config_args(p, run_defaults.finetune, skip={"model", "stage"}, help=TRAIN_HELP)
-    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"},
+    add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels", "keep_pool",
+                                                  "from_pool"},
                     help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
     _add_run_folder_args(p, "runs/run")

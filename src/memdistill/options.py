@@ -151,6 +151,22 @@ SAMPLE_HELP = {
     "vae": "local AutoencoderKL folder used to decode (default: none, the export's own)",
     "vae_batch_size": "latents decoded per VAE call (lower it if decoding runs out of GPU memory)",
     "labels": "for --subset: auto, imagenet (wnid -> ImageNet index) or index (0..K-1)",
+    "pool": "over-generate: sample ceil(F x IPC) candidates per class (F >= 1; candidate j gets image j's noise, "
+            "so the first IPC are the plain set) and keep IPC of them by --select (default: 1)",
+    "select": "rule keeping IPC candidates per class: none (plain sampling), random (seeded control), herding or "
+              "kcenter (first pick: farthest from the mean) in the judge's feature space, confident (highest judge "
+              "probability of the class), difficulty (judge loss matched to the real data's, DiffGuideSamp) "
+              "(default: none)",
+    "keep_pool": "keep the candidate pool in this folder as an image set, for --from-pool (default: none, the pool "
+                 "is deleted once selected from)",
+    "from_pool": "select --ipc per class from this kept pool (an image set from --keep-pool) instead of sampling "
+                 "(default: none, sample)",
+    "judge_data": "real train images the judge classifier is trained on (default: the embedded dataset the model "
+                  "was trained on)",
+    "judge_net": "judge classifier: convnetD, resnetap10 or resnet18",
+    "judge_epochs": "training epochs of the judge",
+    "judge_cache": "folder of trained judges, reused across commands (default: $MEMDISTILL_CACHE/judges, else "
+                   "~/.cache/memdistill/judges)",
 }
 
 EVAL_HELP = {
@@ -212,11 +228,12 @@ SEED_MAX = 2**31 - 1
 INPUT_OPTIONS = {
     "pretrain": ("data", "subset", "vae", "latent_cache"),
     "finetune": ("data", "subset", "init", "vae", "latent_cache"),
-    "sample": ("model", "subset", "vae"),
+    "sample": ("model", "subset", "vae", "from_pool", "judge_data"),
     "select": ("data", "subset"),
     "evaluate": ("train", "test", "subset", "teacher"),
-    "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher"),
-    "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test", "eval_teacher"),
+    "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher", "sample_judge_data"),
+    "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test", "eval_teacher",
+              "sample_judge_data"),
 }
 # Outputs created by the stage, so an input path that does not exist yet still counts.
 _CREATED = {"latent_cache"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,15 @@ class SampleConfig:
     vae: str | None = None  # local AutoencoderKL folder used to decode (e.g. sd-vae-ft-mse)
     vae_batch_size: int = 32  # latents decoded per VAE call (a 256 px SD-VAE decode needs ~1 GB per 8 images)
     labels: str = "auto"  # class names of `subset` -> model class indices: auto, imagenet or index
+    # Over-generate and select (memdistill.selection): ceil(pool x ipc) candidates per class, ipc kept by `select`.
+    pool: float = 1.0  # F >= 1; 1 with select "none" is plain sampling
+    select: str = "none"  # none | selection.RULES
+    keep_pool: str | None = None  # folder: keep the candidate pool there as an image set
+    from_pool: str | None = None  # folder of a kept pool: select from it instead of sampling
+    judge_data: str | None = None  # real train images of the judge; None = the model's embedded dataset
+    judge_net: str = "convnet3"
+    judge_epochs: int = 5
+    judge_cache: str | None = None  # None = judge.default_cache()
 
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "sample-" inside ``run``)."""
@@ -70,6 +80,23 @@ class SampleConfig:
         require_int(flag("vae_batch_size", prefix), self.vae_batch_size, low=1)
         resolve_device(self.device)
         check_precision(self.precision, flag("precision", prefix))
+        self._validate_selection(prefix)
+
+    def _validate_selection(self, prefix: str) -> None:
+        from .selection import RULES
+
+        require_finite(flag("pool", prefix), self.pool, low=1)
+        if self.select not in ("none", *RULES):
+            raise UserError(f"{flag('select', prefix)}: unknown rule {self.select!r}; allowed: none, {', '.join(RULES)}")
+        require_int(flag("judge_epochs", prefix), self.judge_epochs, low=1)
+        given = [name for name, on in (("pool", self.pool != 1), ("keep_pool", self.keep_pool),
+                                       ("from_pool", self.from_pool)) if on]
+        if given and self.select == "none":
+            raise UserError(f"{flag(given[0], prefix)} needs a selection rule: give {flag('select', prefix)} "
+                            f"({', '.join(RULES)})")
+        if self.keep_pool and self.from_pool:
+            raise UserError(f"{flag('keep_pool', prefix)} keeps a pool that is sampled; with "
+                            f"{flag('from_pool', prefix)} nothing is sampled: give one of them")
 
 
 def parse_classes(classes) -> list[int] | None:
@@ -262,10 +289,49 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
 
 
 def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> Path:
-    """Sample cfg.ipc images for each class (or cfg.classes) into the image set ``out``."""
+    """Sample cfg.ipc images for each class (or cfg.classes) into the image set ``out``.
+
+    With a selection rule (cfg.select), ceil(cfg.pool x cfg.ipc) candidates per class are sampled instead, by
+    the same per-image noise rule (candidate j is image j), into a pool (cfg.keep_pool, else a hidden folder
+    removed afterwards), and cfg.ipc of them are kept (selection.select_from_pool); with cfg.from_pool, the
+    candidates of that kept pool are selected from without sampling."""
+    from .selection import pool_size
+
     cfg = dataclasses.replace(cfg, classes=parse_classes(cfg.classes))
     cfg.validate()
     out = check_target(out, overwrite)
+    if cfg.from_pool:
+        return _select(cfg, cfg.from_pool, out, overwrite, kept=True)
+    if cfg.select == "none":
+        return _sample(cfg, out, overwrite)
+    pool = check_target(cfg.keep_pool, overwrite) if cfg.keep_pool else out.parent / f".{out.name}.pool"
+    try:
+        # The pool is a plain set of ceil(F x IPC) images per class: image j of a class is candidate j.
+        _sample(dataclasses.replace(cfg, ipc=pool_size(cfg.pool, cfg.ipc)), pool, overwrite=True)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank == 0:
+            _select(cfg, pool, out, overwrite, kept=bool(cfg.keep_pool))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the selected set is in place before any rank returns
+    finally:
+        if not cfg.keep_pool:
+            shutil.rmtree(pool, ignore_errors=True)
+    return out
+
+
+def _select(cfg: SampleConfig, pool: str | Path, out: Path, overwrite: bool, kept: bool) -> Path:
+    """cfg.ipc of the candidates of ``pool`` per class kept by cfg.select into ``out``."""
+    from .selection import select_from_pool
+
+    record = {k: getattr(cfg, k) for k in ("pool", "select", "keep_pool", "from_pool", "judge_data", "judge_net",
+                                           "judge_epochs", "judge_cache")}
+    return select_from_pool(pool, cfg.select, cfg.ipc, out, seed=cfg.seed, judge_data=cfg.judge_data,
+                            judge_net=cfg.judge_net, judge_epochs=cfg.judge_epochs, judge_cache=cfg.judge_cache,
+                            device=cfg.device, overwrite=overwrite, kept_pool=kept, config=record)
+
+
+def _sample(cfg: SampleConfig, out: Path, overwrite: bool) -> Path:
+    """cfg.ipc images per class, image i of class c from image_generator(seed, c, i), into ``out``."""
     rank, world, device = dist_setup(cfg.device)
     sampler = load_sampler(cfg, device)
     guided(sampler.model, cfg.cfg_scale, cfg.guided_channels)  # fail on a bad guidance setting before any work

@@ -13,7 +13,8 @@ Layout of the output folder (every unit is written atomically; one that exists i
     sets/<method>-ipc<k>/                   image sets
     cells/<method>-ipc<k>-<net>.json        one evaluation (all repeats): the unit of resume
     metrics/<method>-ipc<k>.json            diversity and coverage of one set
-    features/extractor.pt, extractor.json   the feature classifier of the metrics
+    features/extractor.json                 the feature classifier of the metrics (a judge: memdistill.judge, cached
+                                            outside the bench, shared with every command)
     bench.json, bench.md, accuracy_vs_ipc.png
     sweep/{models,sets,cells,metrics}/..., sweep/sweep.json, sweep/sweep.md, sweep/<parameter>.png
     config.json, timings.json               the settings a resume must match; wall time per stage

@@ -21,8 +21,8 @@ from ..evaluate import evaluate_image_set, resolve_test_set
 from ..finetune import finetune
 from ..manifest import NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing, write_json_atomic
 from ..sample import sample_set
-from ..train import TrainConfig, save_atomic
-from .config import BenchConfig, MEMORY_OF, REAL_METHODS
+from ..train import TrainConfig
+from .config import BenchConfig, MEMORY_OF, REAL_METHODS, parse_method
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # ----- the run ------------------------------------------------------------------------------------------------
 # Settings that change what is observed or how fast, not what is computed: a resume may change them.
 _FREE = {"finetune": {"checkpoint_every", "log_every", "device", "progress", "memory"},
-         "sample": {"device", "batch_size", "model", "ipc", "classes"},
+         "sample": {"device", "batch_size", "model", "ipc", "classes", "judge_cache"},
          "eval": {"device", "net", "repeats"}}
 
 
@@ -77,6 +77,7 @@ class _Bench:
             saved = read_json_object(path, what="delete it to drop the stored timings")
             self.timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
         self._features = None
+        self._judge = None
 
     def timed(self, name: str, fn: Callable, *args, **kwargs):
         t0 = time.perf_counter()
@@ -108,9 +109,12 @@ class _Bench:
         return self.timed(f"sample {folder.name}", sample_set, sample, folder, overwrite=True)
 
     def image_set(self, method: str, model: str | None, ipc: int, largest: int, sets: Path) -> Path:
-        folder = sets / f"{method}-ipc{ipc}"
+        variant = parse_method(method)
+        folder = sets / f"{variant.slug()}-ipc{ipc}"
         if (folder / "manifest.json").is_file():
             return folder
+        if "select" in variant.levers:
+            return self.selected_set(variant.base, model, variant.levers["select"], ipc, largest, sets, folder)
         if ipc == largest:
             return self.draw(method, model, ipc, folder)
         # Image i of class c is drawn from its own seed (seed, c, i) when sampling, and the real baselines
@@ -119,6 +123,24 @@ class _Bench:
         # drawn once, at the largest IPC, and the smaller sets are its prefixes.
         source = self.image_set(method, model, largest, largest, sets)
         return _prefix_set(source, ipc, folder)
+
+    def selected_set(self, base: str, model: str | None, select: dict, ipc: int, largest: int, sets: Path,
+                     folder: Path) -> Path:
+        """IPC candidates per class kept by select["rule"] from the pool of factor select["pool"] of ``base``.
+
+        One pool per (method, model, F) serves every rule and IPC: it is sampled once with ceil(F x largest IPC)
+        candidates per class, and candidate j is image j of the plain sampler, so its first ceil(F x k)
+        candidates are the pool of IPC k."""
+        from ..selection import pool_size, select_from_pool
+
+        factor, s, ft = select["pool"], self.cfg.sample, self.cfg.finetune
+        pool = sets / f"pool-{base}-x{factor:g}-n{pool_size(factor, largest)}"
+        if not (pool / "manifest.json").is_file():
+            self.draw(base, model, pool_size(factor, largest), pool)
+        return self.timed(f"select {folder.name}", select_from_pool, pool, select["rule"], ipc, folder,
+                          size=pool_size(factor, ipc), seed=s.seed, judge_data=s.judge_data or ft.data,
+                          judge_subset=None if s.judge_data else ft.subset, judge_net=s.judge_net,
+                          judge_epochs=s.judge_epochs, judge_cache=s.judge_cache, device=s.device, overwrite=True)
 
     # -- evaluation and metrics
     def cell(self, path: Path, set_folder: Path, net: str, label: str) -> dict:
@@ -138,17 +160,17 @@ class _Bench:
 
     def set_metrics(self, path: Path, set_folder: Path, label: str) -> dict:
         from ..imageset import read_image_set
-        from ..metrics import coverage, penultimate_features, within_class_diversity
+        from ..metrics import coverage, within_class_diversity
 
         if path.is_file():
             data = read_json_object(path, {"coverage": NUMBER}, what="delete it to measure that set again")
             if data.get("diversity") is not None and not isinstance(data["diversity"], NUMBER):
                 raise UserError(f"{path}: 'diversity' must be a number or null; delete it to measure that set again")
             return data
-        extractor, real_f, real_y = self.feature_space()
+        judge, real_f, real_y = self.feature_space()
         t0 = time.perf_counter()
         images, labels, _, _ = read_image_set(set_folder)
-        feats = penultimate_features(extractor, self._fit(images), device=resolve_device(self.cfg.eval.device))
+        feats = judge.features(images)
         result = {"diversity": _nan_to_none(within_class_diversity(feats, labels)),
                   "coverage": coverage(real_f, real_y, feats, labels, self.cfg.coverage_k),
                   "k": self.cfg.coverage_k, "feature_net": self.cfg.feature_net, "set": str(set_folder)}
@@ -157,63 +179,42 @@ class _Bench:
         write_json_atomic(path, result)
         return result
 
-    def _fit(self, images: torch.Tensor) -> torch.Tensor:
-        """Images at the feature classifier's resolution (the real train split's)."""
-        from ..augment import resize_center_crop
+    def judge(self):
+        """The feature classifier of the metrics (judge.load_judge: trained once per dataset and settings, shared
+        through the judge cache with every other command)."""
+        if self._judge is None:
+            from ..judge import load_judge
 
-        side = self.train_ds.resolution
-        return images if images.shape[-1] == side and images.shape[-2] == side else resize_center_crop(images, side)
+            cfg = self.cfg
+            self._judge = load_judge(self.train_ds, cfg.feature_net, cfg.feature_epochs, cfg.eval.seed,
+                                     cfg.sample.judge_cache, resolve_device(cfg.eval.device), "--sample-judge-cache")
+        return self._judge
 
     def feature_space(self):
-        """(extractor, real test features (N, D), test labels (N,)); the extractor is trained once and cached."""
+        """(judge, real test features (N, D), test labels (N,)); extractor.json records the judge and its
+        top-1 on the real test set."""
         if self._features is not None:
             return self._features
         from ..data import load_tensors, open_dataset
-        from ..metrics import classifier_accuracy, penultimate_features, train_feature_extractor
-        from ..nets import build_net
+        from ..metrics import classifier_accuracy
 
-        cfg, folder = self.cfg, self.out / "features"
-        test_ds = open_dataset(self.test, "test", subset=cfg.finetune.subset, resolution=self.train_ds.resolution,
+        judge = self.judge()
+        test_ds = open_dataset(self.test, "test", subset=self.cfg.finetune.subset, resolution=self.train_ds.resolution,
                                channels=self.train_ds.channels)
         test_x, test_y = load_tensors(test_ds)
-        k, channels, side = self.train_ds.num_classes, self.train_ds.channels, self.train_ds.resolution
-        spec = {"net": cfg.feature_net, "epochs": cfg.feature_epochs, "seed": cfg.eval.seed,
-                "data": self.train_ds.identity, "num_classes": k, "channels": channels, "resolution": side}
-        model = build_net(cfg.feature_net, k, channels, side)
-        path = folder / "extractor.pt"
-        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-        try:
-            cached = json.loads(saved["spec"]) == spec and isinstance(saved["state_dict"], dict)
-        except (TypeError, KeyError, ValueError):
-            cached = False  # no cache, or one of another shape: train the extractor again
-        if cached:
-            model.load_state_dict(saved["state_dict"])
-            model = model.to(resolve_device(cfg.eval.device)).eval()
-            log.info("feature extractor: cached in %s", path)
-        else:
-            train_x, train_y = load_tensors(self.train_ds)
-            g = torch.Generator().manual_seed(cfg.eval.seed)
-            log.info("feature extractor: training %s for %d epochs on %d real images", cfg.feature_net,
-                     cfg.feature_epochs, len(train_y))
-            model = self.timed("feature extractor", train_feature_extractor, train_x, train_y, k, cfg.feature_net,
-                               cfg.feature_epochs, device=resolve_device(cfg.eval.device), generator=g)
-            acc = classifier_accuracy(model, test_x, test_y, device=resolve_device(cfg.eval.device))
-            folder.mkdir(parents=True, exist_ok=True)
-            save_atomic({"spec": json.dumps(spec), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
-                        path)  # a full disk: one line, no .tmp left
-            write_json_atomic(folder / "extractor.json", {**spec, "test_top1": acc})
+        info = self.out / "features" / "extractor.json"
+        if not info.is_file():
+            acc = classifier_accuracy(judge.model, test_x, test_y, device=judge.device)
+            info.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(info, {**judge.identity(), "test_top1": acc})
             log.info("feature extractor: %.2f %% top-1 on the real test set", acc)
-        real_f = penultimate_features(model, test_x, device=resolve_device(cfg.eval.device))
-        self._features = (model, real_f, test_y)
+        self._features = (judge, judge.features(test_x), test_y)
         return self._features
 
     def extractor_info(self) -> dict | None:
         path = self.out / "features" / "extractor.json"
         return read_json_object(path, {"net": str, "epochs": int, "test_top1": NUMBER},
                                 what="delete the features folder to train the extractor again") if path.is_file() else None
-
-
-# Keys of a cells/*.json that the tables read.
 
 
 # Keys of a cells/*.json that the tables read.
@@ -260,7 +261,7 @@ def _prepare(cfg: BenchConfig, out: str | Path, resume: bool, overwrite: bool) -
     out = check_output_folder(out)
     ft = cfg.finetune
     test = resolve_test_set(ft.data, cfg.test)
-    if "dit" in cfg.method_list() or set(MEMORY_OF) & set(cfg.method_list()) or cfg.sweep:
+    if "dit" in cfg.base_methods() or set(MEMORY_OF) & set(cfg.base_methods()) or cfg.sweep:
         if ft.init is None:
             raise UserError("bench needs --init (the pretrained model) for the dit, minimax and adaptive methods")
     fingerprint = _fingerprint(cfg, test)

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 # ----- command line ------------------------------------------------------------------------------------------
 BENCH_HELP = {
     "methods": f"methods, comma-separated: {', '.join(METHODS)}; also finetune (the same fine-tuning without "
-               "memory losses, a control)",
+               "memory losses, a control); a sampled method takes levers as variants METHOD+select:RULE[:F] (keep "
+               "IPC of ceil(F x IPC) candidates per class by RULE, F default 4; one pool per method and F serves "
+               "every rule), e.g. adaptive+select:confident,dit+select:kcenter:4",
     "ipcs": "images per class, comma-separated",
     "nets": "evaluation nets (convnetD, resnetap10, resnet18), comma-separated",
     "repeats": "classifiers trained per cell, each with its own seed",
@@ -53,8 +55,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_config_args(p, defaults, skip={"finetune", "sample", "eval"}, help=BENCH_HELP,
                     flags={"methods": "--method", "ipcs": "--ipc", "nets": "--eval-net", "repeats": "--eval-repeats"})
     add_config_args(p, defaults.finetune, skip={"model", "stage", "memory"}, help=TRAIN_HELP)
-    add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"}, help=SAMPLE_HELP,
-                    prefix="sample")
+    # Pool and rule come with a method variant (METHOD+select:RULE[:F]), one per column, not as one setting
+    add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels", "pool", "select",
+                                              "keep_pool", "from_pool"}, help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, defaults.eval, skip={"net", "repeats"}, help=EVAL_HELP, prefix="eval")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--resume", action="store_true", help="continue the bench in --out; finished cells are kept")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..checks import flag, require_finite
 from ..errors import UserError
@@ -24,6 +26,93 @@ REAL_METHODS = ("random", "herding")
 MEMORY_OF = {"finetune": "none", "minimax": "fifo", "adaptive": "adaptive"}
 LABELS = {"random": "Random", "herding": "Herding", "dit": "DiT", "finetune": "Fine-tune (no memory)",
           "minimax": "Minimax", "adaptive": "Adaptive"}
+
+
+# ----- method variants: METHOD+LEVER[:ARG[:ARG]]... -----------------------------------------------------------
+# A lever changes how a fine-tuned (or the plain) model is sampled, so it composes with any generative method.
+# Each lever registers here: its parser (the ':'-separated arguments -> a dict of settings, UserError on bad
+# ones), its table label and the syntax the error messages show. A new lever (e.g. guidance options) is one entry.
+DEFAULT_POOL = 4.0  # the over-generation factor F of +select when none is given (pools of 2-5 x IPC in the field)
+
+
+def _select_args(args: list[str]) -> dict:
+    from ..selection import RULES
+
+    if not 1 <= len(args) <= 2:
+        raise UserError(f"+select takes a rule and optionally a pool factor (select:RULE[:F]), got {':'.join(args)!r}")
+    if args[0] not in RULES:
+        raise UserError(f"+select: unknown rule {args[0]!r}; allowed: {', '.join(RULES)}")
+    try:
+        factor = float(args[1]) if len(args) == 2 else DEFAULT_POOL
+    except ValueError:
+        factor = float("nan")
+    if not (math.isfinite(factor) and factor >= 1):
+        raise UserError(f"+select: the pool factor F must be a number >= 1, got {args[1]!r}")
+    return {"rule": args[0], "pool": factor}
+
+
+@dataclass(frozen=True)
+class Lever:
+    parse: Callable[[list[str]], dict]
+    label: Callable[[dict], str]
+    syntax: str
+
+
+LEVERS: dict[str, Lever] = {
+    "select": Lever(_select_args, lambda a: f"select {a['rule']} (pool {a['pool']:g}x)", "select:RULE[:F]"),
+}
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """A parsed --method entry: the base method and its levers in the order given, {lever: settings}."""
+
+    name: str
+    base: str
+    levers: dict
+
+    def label(self) -> str:
+        return " + ".join([LABELS[self.base]] + [LEVERS[n].label(a) for n, a in self.levers.items()])
+
+    def slug(self) -> str:
+        """The name as a file name (':' is awkward in paths on some systems)."""
+        return self.name.replace(":", "-")
+
+
+def parse_method(text: str) -> MethodVariant:
+    """'dit', 'adaptive+select:confident', 'dit+select:kcenter:4' -> MethodVariant; UserError naming --method
+    and what is allowed otherwise. Levers apply to generated sets only, each at most once."""
+    base, *parts = str(text).split("+")
+    allowed = METHODS + EXTRA_METHODS
+    if base not in allowed:
+        raise UserError(f"unknown method {base!r} in --method; allowed: {', '.join(allowed)} (comma-separated), each "
+                        f"optionally with levers {', '.join('+' + lv.syntax for lv in LEVERS.values())}")
+    if parts and base in REAL_METHODS:
+        raise UserError(f"--method {text}: levers change how a model is sampled; {base} selects real images (use "
+                        f"them with dit, {', '.join(MEMORY_OF)})")
+    levers: dict = {}
+    for part in parts:
+        name, *args = part.split(":")
+        if name not in LEVERS:
+            raise UserError(f"--method {text}: unknown lever {name!r}; allowed: "
+                            f"{', '.join('+' + lv.syntax for lv in LEVERS.values())}")
+        if name in levers:
+            raise UserError(f"--method {text}: the lever +{name} is given twice")
+        try:
+            levers[name] = LEVERS[name].parse(args)
+        except UserError as e:
+            raise UserError(f"--method {text}: {e}") from None
+    return MethodVariant(str(text), base, levers)
+
+
+def method_label(text: str) -> str:
+    """The column title of a --method entry in tables and plots (a name it does not know: the name itself)."""
+    try:
+        return parse_method(text).label()
+    except UserError:
+        return str(text)
+
+
 SWEEP_PARAMETERS = ("lambda_real", "lambda_gen", "memory")
 TIE_RULE = ("Bold: the best mean of the row and every method whose mean lies within one standard deviation "
             "(over repeats) of it; differences smaller than that spread are ties at this number of repeats.")
@@ -52,13 +141,17 @@ class BenchConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # epochs None: the protocol's table (METHOD.md section 7)
 
     def method_list(self) -> list[str]:
+        """The --method entries: base methods and variants METHOD+LEVER[:ARGS] (see parse_method), each checked."""
         names = _split(self.methods, "method", str)
-        allowed = METHODS + EXTRA_METHODS
-        bad = [m for m in names if m not in allowed]
-        if bad or not names:
-            raise UserError(f"unknown method {bad[0]!r} in --method; allowed: {', '.join(allowed)} (comma-separated)"
-                            if bad else f"--method is empty; allowed: {', '.join(allowed)}")
+        if not names:
+            raise UserError(f"--method is empty; allowed: {', '.join(METHODS + EXTRA_METHODS)}")
+        for name in names:
+            parse_method(name)
         return list(dict.fromkeys(names))
+
+    def base_methods(self) -> list[str]:
+        """The distinct base methods behind --method (what is fine-tuned or selected from real data)."""
+        return list(dict.fromkeys(parse_method(m).base for m in self.method_list()))
 
     def ipc_list(self) -> list[int]:
         ipcs = _split(self.ipcs, "ipc", int)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..manifest import write_json_atomic
 from .cells import _Bench
-from .config import LABELS, MEMORY_OF, REAL_METHODS, TIE_RULE
+from .config import LABELS, MEMORY_OF, REAL_METHODS, TIE_RULE, method_label, parse_method
 from .report import _epochs_note, _settings, _timings_table
 from .tables import accuracy_table, accuracy_vs_ipc_plot, metrics_table
 
@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def _model_for(bench: _Bench, method: str) -> str | None:
+    """The model a method samples (a variant: its base method's, fine-tuned once for all its variants)."""
     ft = bench.cfg.finetune
+    method = parse_method(method).base
     if method == "dit":
         return ft.init
     if method in MEMORY_OF:
@@ -29,6 +31,8 @@ def _method_sentence(methods, bench: _Bench) -> str:
     """How the methods of this bench were made; only the ones it ran (a bench of real baselines fine-tunes
     nothing and samples nothing)."""
     ft, cfg = bench.cfg.finetune, bench.cfg
+    variants = [m for m in methods if parse_method(m).levers]
+    methods = list(dict.fromkeys(parse_method(m).base for m in methods))
     tuned = [m for m in methods if m in MEMORY_OF]
     parts = []
     if tuned:
@@ -44,6 +48,12 @@ def _method_sentence(methods, bench: _Bench) -> str:
     real = [LABELS[m] for m in methods if m in REAL_METHODS]
     if real:
         parts.append(f"{' and '.join(real)} select{'s' if len(real) == 1 else ''} real images.")
+    if any("select" in parse_method(m).levers for m in variants):
+        s = cfg.sample
+        parts.append(f"Select variants sample a pool of ceil(F x IPC) candidates per class with the base method's "
+                     f"model (one pool per method and F, shared by the rules; its first IPC candidates are the "
+                     f"plain set) and keep IPC of them by the rule, judged by {s.judge_net} trained {s.judge_epochs} "
+                     f"epochs on the real train split (memdistill.selection).")
     return " ".join(parts)
 
 
@@ -57,7 +67,7 @@ def _run_grid(bench: _Bench) -> Path:
     for k in ipcs:
         for net in nets:
             for m in methods:
-                label = f"{m}-ipc{k}-{net}"
+                label = f"{parse_method(m).slug()}-ipc{k}-{net}"
                 log.info("cell %d/%d: %s", len(cells) + 1, total, label)
                 result = bench.cell(out / "cells" / f"{label}.json", sets[m, k], net, label)
                 cells.append({"method": m, "ipc": k, "net": net,
@@ -70,7 +80,7 @@ def _run_grid(bench: _Bench) -> Path:
     if cfg.metrics:
         for m in methods:
             for k in ipcs:
-                label = f"{m}-ipc{k}"
+                label = f"{parse_method(m).slug()}-ipc{k}"
                 metrics.append({"method": m, "ipc": k,
                                 **bench.set_metrics(out / "metrics" / f"{label}.json", sets[m, k], label)})
     return _write_grid_report(bench, methods, ipcs, nets, cells, metrics)
@@ -90,7 +100,7 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
     lines = [
         "# memdistill bench",
         "",
-        f"Methods {', '.join(LABELS[m] for m in methods)} on {ft.data}"
+        f"Methods {', '.join(method_label(m) for m in methods)} on {ft.data}"
         + (f" ({ft.subset})" if ft.subset else "") + f", tested on the real {bench.test} test images. "
         + _method_sentence(methods, bench),
         "",

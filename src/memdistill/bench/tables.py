@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from .config import LABELS
+from .config import method_label
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def accuracy_table(cells: Sequence[dict], methods: Sequence[str], ipcs: Sequence
             bold = tied_best(found)
             rows.append([k, net] + [("–" if m not in found else f"**{pm(*found[m], repeats[m])}**" if m in bold
                                      else pm(*found[m], repeats[m])) for m in methods])
-    return markdown_table(["IPC", "net"] + [LABELS.get(m, m) for m in methods], rows)
+    return markdown_table(["IPC", "net"] + [method_label(m) for m in methods], rows)
 
 
 def metrics_table(metrics: Sequence[dict], methods: Sequence[str], ipcs: Sequence[int], key: str) -> str:
@@ -47,7 +47,7 @@ def metrics_table(metrics: Sequence[dict], methods: Sequence[str], ipcs: Sequenc
     lookup = {(r["method"], r["ipc"]): r.get(key) for r in metrics}
     rows = [[k] + [("–" if (m, k) not in lookup else "n/a" if lookup[m, k] is None else f"{lookup[m, k]:.3f}")
                    for m in methods] for k in ipcs]
-    return markdown_table(["IPC"] + [LABELS.get(m, m) for m in methods], rows)
+    return markdown_table(["IPC"] + [method_label(m) for m in methods], rows)
 
 
 def _pyplot():
@@ -72,7 +72,7 @@ def accuracy_vs_ipc_plot(cells: Sequence[dict], methods: Sequence[str], ipcs: Se
             dodge = 1.04 ** (i - (len(methods) - 1) / 2)
             if pts:
                 ax.errorbar([k * dodge for k, _ in pts], [c["best_mean"] for _, c in pts],
-                            yerr=[c["best_std"] for _, c in pts], marker="o", capsize=3, label=LABELS.get(m, m))
+                            yerr=[c["best_std"] for _, c in pts], marker="o", capsize=3, label=method_label(m))
         ax.set_xscale("log")
         ax.set_xticks(list(ipcs), [str(k) for k in ipcs])
         ax.minorticks_off()

@@ -1,0 +1,68 @@
+"""Bench method variants METHOD+LEVER[:ARGS]: the parser, its messages, and +select sharing one pool."""
+
+import json
+
+import pytest
+
+from memdistill.bench import cells
+from memdistill.bench.config import BenchConfig, LEVERS, method_label, parse_method
+from memdistill.errors import UserError
+from memdistill.imageset import read_image_set
+
+from test_bench import TINY, bench_cli
+
+
+def test_variants_parse_and_are_labelled():
+    v = parse_method("adaptive+select:confident")
+    assert (v.base, v.levers) == ("adaptive", {"select": {"rule": "confident", "pool": 4.0}})
+    v = parse_method("dit+select:kcenter:2.5")
+    assert (v.base, v.levers, v.slug()) == ("dit", {"select": {"rule": "kcenter", "pool": 2.5}}, "dit+select-kcenter-2.5")
+    assert method_label("dit+select:kcenter:2.5") == "DiT + select kcenter (pool 2.5x)"
+    assert method_label("minimax") == "Minimax" and parse_method("minimax").levers == {}
+    assert BenchConfig(methods="dit,dit+select:random,adaptive+select:herding:3").base_methods() == ["dit", "adaptive"]
+    assert set(LEVERS) >= {"select"}  # the one registry a new lever is added to
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gan+select:random", "unknown method 'gan' in --method; allowed: random, herding, dit"),
+    ("random+select:confident", "levers change how a model is sampled; random selects real images"),
+    ("dit+pick:random", "unknown lever 'pick'; allowed: +select:RULE[:F]"),
+    ("dit+select", "+select takes a rule and optionally a pool factor"),
+    ("dit+select:best", "+select: unknown rule 'best'; allowed: random, herding, kcenter, confident, difficulty"),
+    ("dit+select:random:0.5", "the pool factor F must be a number >= 1, got '0.5'"),
+    ("dit+select:random:x", "the pool factor F must be a number >= 1, got 'x'"),
+    ("dit+select:random:2:3", "+select takes a rule and optionally a pool factor"),
+    ("dit+select:random+select:kcenter", "the lever +select is given twice"),
+])
+def test_bad_variants_are_refused_with_what_is_allowed(text, message):
+    with pytest.raises(UserError) as err:
+        BenchConfig(methods=f"random,{text}").validate()
+    assert message in str(err.value) and "--method" in str(err.value)
+
+
+def test_select_variants_share_one_pool_across_rules(tiny_model, tmp_path, monkeypatch, capsys):
+    drawn = []
+    real_draw = cells._Bench.draw
+
+    def draw(self, method, model, ipc, folder):
+        drawn.append((method, ipc, folder.name))
+        return real_draw(self, method, model, ipc, folder)
+
+    monkeypatch.setattr(cells._Bench, "draw", draw)
+    out = tmp_path / "bench"
+    bench_cli("--init", tiny_model, *TINY, "--method", "dit,dit+select:random:2,dit+select:kcenter:2", "--ipc", "1,2",
+              "--no-metrics", "--sample-judge-data", "digits", "--sample-judge-net", "convnet1",
+              "--sample-judge-epochs", "1", "--out", out)
+    # one pool of ceil(2 x 2) = 4 candidates per class, sampled once for both rules and both IPCs
+    assert drawn.count(("dit", 4, "pool-dit-x2-n4")) == 1 and [d for d in drawn if d[0] != "dit" or d[1] != 2] == [
+        ("dit", 4, "pool-dit-x2-n4")]
+    assert "| IPC | net | DiT | DiT + select random (pool 2x) | DiT + select kcenter (pool 2x) |" in capsys.readouterr().out
+    for k in (1, 2):
+        for rule in ("random", "kcenter"):
+            _, y, _, m = read_image_set(out / "sets" / f"dit+select-{rule}-2-ipc{k}")
+            sel = m["selection"]
+            assert m["ipc"] == k and sel["rule"] == rule and sel["pool_size"] == 2 * k
+            assert all(len(kept) == k and max(kept) < 2 * k for kept in sel["kept"])
+            assert (out / "cells" / f"dit+select-{rule}-2-ipc{k}-convnet1.json").is_file()
+    assert json.loads((out / "bench.json").read_text())["methods"][1] == "dit+select:random:2"
+    assert "Select variants sample a pool" in (out / "bench.md").read_text()

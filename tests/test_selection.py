@@ -1,0 +1,191 @@
+"""Over-generate and select: each rule on a constructed case with a known answer, the pool's determinism and
+prefix property, selection from a kept pool, the manifest, and the options' checks."""
+
+import pytest
+import torch
+
+from memdistill import selection
+from memdistill.baselines import herding_order
+from memdistill.cli import main
+from memdistill.imageset import read_image_set, to_uint8
+from memdistill.sample import SampleConfig, sample_set
+from memdistill.selection import choose, confident_order, difficulty_order, kcenter_order, pool_size
+
+
+# ----- the rules on constructed cases ----------------------------------------------------------------------------
+def test_kcenter_on_a_line_picks_the_ends_first_then_the_middle():
+    xs = torch.tensor([3.0, 0.0, 7.0, 10.0, 5.0, 1.0])  # shuffled points of a line, mean 13/3 nearer 0
+    order = kcenter_order(xs[:, None], 3)
+    assert order[:2] == [3, 1]  # 10 is farthest from the mean, then 0 farthest from it
+    assert order[2] == 4  # 5 is the point farthest from both ends
+
+
+def test_kcenter_tie_goes_to_the_lowest_row_and_never_repeats():
+    pts = torch.tensor([[-1.0], [1.0], [1.0], [-1.0]])  # symmetric: every row as far from the mean
+    assert kcenter_order(pts, 4) == [0, 1, 2, 3]
+
+
+def test_herding_on_a_known_case():
+    # mean (0, 0): the first pick is the point nearest the mean; then the one that brings the mean back.
+    pts = torch.tensor([[4.0, 0.0], [0.5, 0.0], [-4.0, 0.0], [-0.5, 0.0]])
+    assert herding_order(pts, 2) == [1, 3]
+
+
+def test_confident_keeps_the_highest_probabilities():
+    probs = torch.tensor([0.2, 0.9, 0.5, 0.9, 0.1])
+    assert confident_order(probs, 3) == [1, 3, 2]
+
+
+def test_difficulty_matches_the_real_quantiles():
+    real = torch.linspace(0, 1, 101)  # real losses uniform on [0, 1]: bin medians 0.25 and 0.75 for k = 2
+    candidates = torch.tensor([0.0, 0.3, 0.5, 0.74, 0.99, 0.2])
+    assert difficulty_order(candidates, real, 2) == [5, 3]  # 0.2 nearest 0.25 (0.3 too), 0.74 nearest 0.75
+    # k = 1: the real median 0.5
+    assert difficulty_order(candidates, real, 1) == [2]
+    # all candidates easier than the real data: each bin still gets a distinct one, the nearest unused
+    assert difficulty_order(torch.tensor([0.0, 0.01, 0.02]), real, 3) == [2, 1, 0]
+
+
+class StubJudge:
+    """Scores that a test decides: probability of the class = a given number per candidate."""
+
+    def __init__(self, scores):
+        self.scores = torch.tensor(scores)
+
+    def probabilities(self, images):
+        p = torch.zeros(len(images), 3)
+        p[:, 1] = self.scores[: len(images)]
+        p[:, 0] = 1 - p[:, 1]
+        return p
+
+
+def test_choose_confident_keeps_what_the_stub_judge_scores_highest():
+    images = torch.zeros(5, 1, 8, 8)
+    assert choose("confident", images, 1, 2, judge=StubJudge([0.1, 0.7, 0.3, 0.95, 0.2])) == [3, 1]
+
+
+def test_random_rule_is_seeded_and_per_class():
+    a = choose("random", torch.zeros(10, 1, 2, 2), 0, 4, seed=1)
+    assert a == choose("random", torch.zeros(10, 1, 2, 2), 0, 4, seed=1) and len(set(a)) == 4
+    assert a != choose("random", torch.zeros(10, 1, 2, 2), 0, 4, seed=2)
+
+
+@pytest.mark.parametrize("factor, ipc, size", [(1, 10, 10), (2, 3, 6), (1.5, 3, 5), (1.1, 10, 11), (4, 1, 4)])
+def test_pool_size_rounds_up(factor, ipc, size):
+    assert pool_size(factor, ipc) == size
+
+
+# ----- pools and sets ------------------------------------------------------------------------------------------
+def cfg(model, **kw):
+    return SampleConfig(**{**dict(model=str(model), ipc=2, steps=3, seed=0, device="cpu", judge_data="digits",
+                                  judge_net="convnet1", judge_epochs=1), **kw})
+
+
+def pixels(folder):
+    x, y, _, m = read_image_set(folder)
+    return to_uint8(x).int(), y, m
+
+
+def test_pool_is_batch_independent_and_its_prefix_is_the_plain_set(tiny_model, tmp_path):
+    plain, _, _ = pixels(sample_set(cfg(tiny_model), tmp_path / "plain"))
+    sample_set(cfg(tiny_model, pool=2.5, select="random", keep_pool=str(tmp_path / "pool1"), batch_size=1),
+               tmp_path / "s1")
+    sample_set(cfg(tiny_model, pool=2.5, select="random", keep_pool=str(tmp_path / "pool7"), batch_size=7),
+               tmp_path / "s7")
+    p1, y1, m1 = pixels(tmp_path / "pool1")
+    p7, y7, _ = pixels(tmp_path / "pool7")
+    assert m1["counts"] == [5] * 10 and torch.equal(y1, y7)
+    # batched kernels round differently: a pixel at a rounding boundary may move by one level (test_sample)
+    assert (p1 - p7).abs().max() <= 1 and (p1 == p7).float().mean() > 0.99
+    first = torch.cat([(y1 == c).nonzero().flatten()[:2] for c in range(10)])
+    assert (p1[first] - plain).abs().max() <= 1 and (p1[first] == plain).float().mean() > 0.99
+    s1, _, m = pixels(tmp_path / "s1")
+    kept = m["selection"]["kept"]
+    assert len(kept) == 10 and all(len(k) == 2 and len(set(k)) == 2 and max(k) < 5 for k in kept)
+    picked = torch.cat([(y1 == c).nonzero().flatten()[torch.tensor(k)] for c, k in enumerate(kept)])
+    assert torch.equal(s1, p1[picked])  # the set is the kept candidates, in pick order
+    assert m["ipc"] == 2 and m["config"]["pool"] == 2.5 and m["config"]["select"] == "random"
+    assert m["selection"]["rule"] == "random" and m["selection"]["pool_size"] == 5
+    assert m["selection"]["pool"] == str((tmp_path / "pool1").resolve()) and m["selection"]["judge"] is None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no hidden pool or partial left
+
+
+def test_rules_compared_on_one_kept_pool(tiny_model, tmp_path):
+    pool = tmp_path / "pool"
+    sample_set(cfg(tiny_model, pool=2, select="kcenter", keep_pool=str(pool)), tmp_path / "kc")
+    again = sample_set(cfg(tiny_model, from_pool=str(pool), select="kcenter", judge_cache=str(tmp_path / "jc")),
+                       tmp_path / "kc2")
+    a, _, ma = pixels(tmp_path / "kc")
+    b, _, mb = pixels(again)
+    assert torch.equal(a, b) and ma["selection"]["kept"] == mb["selection"]["kept"]
+    judge = mb["selection"]["judge"]
+    assert judge["data"] == "digits:train" and judge["net"] == "convnet1" and judge["epochs"] == 1
+    assert judge["file"] == str(tmp_path / "jc" / f"{judge['key']}.pt")  # --judge-cache
+    for rule in ("herding", "confident", "difficulty"):
+        m = pixels(sample_set(cfg(tiny_model, from_pool=str(pool), select=rule), tmp_path / rule))[2]
+        assert m["selection"]["rule"] == rule and m["selection"]["judge"]["key"] == judge["key"]
+        assert all(len(k) == 2 and max(k) < 4 for k in m["selection"]["kept"])
+
+
+def test_confident_through_a_pool_keeps_the_stub_judges_favourites(tiny_model, tmp_path, monkeypatch):
+    pool = tmp_path / "pool"
+    sample_set(cfg(tiny_model, pool=2, select="random", keep_pool=str(pool), classes="0,1,2"), tmp_path / "r")
+
+    class Stub(StubJudge):
+        spec = type("Spec", (), {"class_names": ("0", "1", "2")})
+
+        def identity(self):
+            return {"stub": True}
+
+        def probabilities(self, images):  # candidate j of every class scores (j * 7 % 4) / 4
+            p = torch.zeros(len(images), 3)
+            p[:] = (torch.arange(len(images)) * 7 % 4 / 4.0)[:, None]
+            return p
+
+    monkeypatch.setattr(selection, "_judge_for", lambda *a, **k: (Stub([]), {}))
+    m = pixels(sample_set(cfg(tiny_model, from_pool=str(pool), select="confident"), tmp_path / "c"))[2]
+    # scores of candidates 0..3: 0, 0.75, 0.5, 0.25
+    assert m["selection"]["kept"] == [[1, 2]] * 3 and m["selection"]["judge"] == {"stub": True}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pool", "0.5", "--select", "random"], "--pool must be a finite number >= 1"),
+    (["--pool", "nan", "--select", "random"], "--pool must be a finite number >= 1"),
+    (["--pool", "2"], "--pool needs a selection rule: give --select"),
+    (["--select", "best"], "--select: unknown rule 'best'; allowed: none, random, herding"),
+    (["--from-pool", "x"], "--from-pool needs a selection rule"),
+    (["--select", "random", "--from-pool", "x", "--keep-pool", "y"], "give one of them"),
+    (["--select", "kcenter", "--judge-epochs", "0"], "--judge-epochs must be an integer >= 1"),
+])
+def test_bad_selection_options_are_one_line(tmp_path, capsys, args, message):
+    assert main(["sample", *args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_pool_smaller_than_ipc_is_refused(tiny_model, tmp_path, capsys):
+    sample_set(cfg(tiny_model, ipc=1, pool=2, select="random", keep_pool=str(tmp_path / "pool")), tmp_path / "s")
+    assert main(["sample", "--from-pool", str(tmp_path / "pool"), "--select", "random", "--ipc", "3",
+                 "--out", str(tmp_path / "t")]) == 2
+    assert "holds 2 candidates of some class" in capsys.readouterr().err
+
+
+def test_a_judge_needs_known_data(tiny_model, tmp_path, capsys):
+    # the tiny export records no dataset: a judged rule asks for --judge-data
+    assert main(["sample", "--model", str(tiny_model), "--steps", "2", "--ipc", "1", "--pool", "2", "--select",
+                 "confident", "--out", str(tmp_path / "s")]) == 2
+    assert "give --judge-data" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the hidden pool is removed
+
+
+def test_run_takes_the_pool_and_rule_as_sample_options():
+    from memdistill.cli import build_parser
+    from memdistill.errors import UserError
+    from memdistill.options import config_from_args
+    from memdistill.run import RunConfig
+
+    args = build_parser().parse_args(["run", "--sample-pool", "3", "--sample-select", "kcenter"])
+    sample = config_from_args(SampleConfig, args, RunConfig().sample, prefix="sample")
+    assert (sample.pool, sample.select) == (3.0, "kcenter")
+    with pytest.raises(UserError, match="--sample-pool needs a selection rule: give --sample-select"):
+        RunConfig(sample=SampleConfig(pool=2)).validate()
