@@ -61,7 +61,7 @@ class VAEConfig:
     layers_per_block: int = 1
     pad_to: int | None = None
     # optimisation
-    steps: int = 2000
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
