@@ -245,7 +245,7 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
                          "another --out)")
 
     bar = tqdm(total=cfg.steps, initial=start, desc="train-vae", disable=not cfg.progress, dynamic_ncols=True)
-    mark = time.perf_counter()
+    mark, mark_step = time.perf_counter(), start
     with open(out / "metrics.jsonl", "a") as metrics:
         try:
             for step in range(start, cfg.steps):
@@ -260,11 +260,11 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     row = {"step": done, "loss": loss.item(), "rec": parts["rec"].item(), "kl": parts["kl"].item(),
-                           "step_time": (time.perf_counter() - mark) / cfg.log_every}
+                           "step_time": (time.perf_counter() - mark) / (done - mark_step)}
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     bar.set_postfix(rec=f"{row['rec']:.2f}", kl=f"{row['kl']:.0f}", refresh=False)
-                    mark = time.perf_counter()
+                    mark, mark_step = time.perf_counter(), done
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     if not all(torch.isfinite(p).all() for p in vae.parameters()):
                         raise diverged(done, "the weights")
