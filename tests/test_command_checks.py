@@ -27,6 +27,8 @@ TRAIN = ["--steps", "1", "--batch-size", "4", "--no-progress"]
 COMMANDS = {
     "pretrain": ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", *TRAIN],
     "finetune": ["finetune", "--data", "digits", *TRAIN],
+    "train-vae": ["train-vae", "--data", "digits", "--channels-list", "32,32", "--judge-epochs", "1",
+                  "--batch-size", "4", "--steps", "1", "--no-progress"],
     "sample": ["sample", "--ipc", "1", "--steps", "2"],
     "select": ["select", "--data", "digits", "--ipc", "1"],
     "evaluate": ["evaluate", "--train", "SET", "--test", "digits", "--net", "convnet1", "--epochs", "1",
@@ -36,7 +38,7 @@ COMMANDS = {
     "bench": ["bench", "--data", "digits", "--method", "random", "--ipc", "1", "--eval-net", "convnet1",
               "--eval-repeats", "1", "--no-metrics", "--eval-epochs", "1"],
 }
-SEED_OPTIONS = {"pretrain": ["--seed"], "finetune": ["--seed"], "sample": ["--seed"], "select": ["--seed"],
+SEED_OPTIONS = {"pretrain": ["--seed"], "train-vae": ["--seed"], "finetune": ["--seed"], "sample": ["--seed"], "select": ["--seed"],
                 "evaluate": ["--seed"], "run": ["--seed", "--sample-seed", "--eval-seed"],
                 "bench": ["--seed", "--sample-seed", "--eval-seed"]}
 

@@ -55,6 +55,20 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     say(f"fine-tuned model exported to {export}")
 
 
+def _cmd_train_vae(args: argparse.Namespace) -> None:
+    from .trainvae import VAEConfig, train_vae, vae_defaults
+
+    check_out(args, "a run", TRAIN_RUN_MARKS)
+    cfg = config_from_args(VAEConfig, args, vae_defaults())
+    r = train_vae(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    say(f"latents {'x'.join(map(str, r['latent_shape']))} of {r['image_size']} px images (padded to {r['pad_to']} px); "
+        f"scaling factor {r['scaling_factor']:.5f} (1 / std {r['latent_std']:.4f} of the train latents)")
+    if "psnr_db" in r:
+        say(f"test reconstructions: PSNR {r['psnr_db']:.2f} dB; judge top-1 {r['judge_top1_reconstructions']:.2f} % "
+            f"on reconstructions, {r['judge_top1_originals']:.2f} % on the originals")
+    say(f"VAE exported to {Path(args.out) / 'export'} (use --codec vae --vae {Path(args.out) / 'export'})")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from .imageset import check_target
     from .sample import SampleConfig, parse_classes, sample_set
@@ -152,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, finetune_defaults(), skip={"model", "stage"}, help=TRAIN_HELP)
     _add_run_folder_args(p, "runs/finetune")
     p.set_defaults(func=_cmd_finetune)
+
+    from .trainvae import VAE_HELP, vae_defaults
+
+    p = sub.add_parser("train-vae", help="train a small KL autoencoder (AutoencoderKL) for --codec vae",
+                       description="Train a KL-regularised autoencoder (diffusers AutoencoderKL, the family of "
+                                   "sd-vae-ft-ema) on a dataset and export a folder that --codec vae --vae loads, "
+                                   "with its scaling factor (1 / std of the train latents) in config.json. Loss: "
+                                   "L1 reconstruction + 1e-6 x KL, as latent diffusion (Rombach et al. 2022). "
+                                   "Prints the test split's PSNR and a judge's accuracy on reconstructions.")
+    add_config_args(p, vae_defaults(), help={**TRAIN_HELP, **VAE_HELP})
+    _add_run_folder_args(p, "runs/train-vae")
+    p.set_defaults(func=_cmd_train_vae)
 
     from .evaluate import EvalConfig
     from .run import RunConfig

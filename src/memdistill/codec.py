@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memdistill.errors import UserError
@@ -21,6 +22,17 @@ from memdistill.errors import UserError
 log = logging.getLogger(__name__)
 
 CODECS = ("pixel", "vae")
+# Written by `memdistill train-vae` beside an AutoencoderKL's config.json when the VAE works on padded images:
+# {"image_size": S, "pad_to": P}. Kept out of config.json so diffusers reads that file as it reads any other.
+PADDING_FILE = "memdistill_padding.json"
+# Padding value in [-1, 1]: black, the background of the grey digit sets the padding exists for.
+PAD_VALUE = -1.0
+
+
+def pad_split(size: int, pad_to: int) -> tuple[int, int]:
+    """(before, after): the pixels added on each side to centre ``size`` inside ``pad_to`` (after gets the odd one)."""
+    before = (pad_to - size) // 2
+    return before, pad_to - size - before
 
 
 class Codec:
@@ -108,6 +120,7 @@ class VAECodec(Codec):
             self.downsample = 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)
         except (TypeError, ValueError) as e:
             raise UserError(f"{config_file}: invalid AutoencoderKL config ({e})") from None
+        self.image_size, self.pad_to = _read_padding(config_file.parent / PADDING_FILE)
 
     def load(self) -> "VAECodec":
         """Load the weights now (a clear error for a damaged folder before any other work)."""
@@ -132,11 +145,33 @@ class VAECodec(Codec):
             self._vae = vae.to(self.device).eval().requires_grad_(False)
         return self._vae
 
+    def _padding(self, side: int) -> tuple[int, int]:
+        """(before, after) pixels of padding for images of ``side`` px: none unless the VAE was trained on
+        ``image_size`` px images padded to ``pad_to`` (see PADDING_FILE)."""
+        if self.image_size is None or side != self.image_size:
+            return 0, 0
+        return pad_split(self.image_size, self.pad_to)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, S, S) as the VAE sees them: centred in ``pad_to`` px with black around them when S is
+        the VAE's padded ``image_size``; unchanged otherwise."""
+        a, b = self._padding(x.shape[-1])
+        return F.pad(x, (a, b, a, b), value=PAD_VALUE) if a or b else x
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded images (N, C, P, P) cropped back to ``image_size`` when P is the VAE's ``pad_to``; the
+        inverse of ``pad``."""
+        if self.image_size is None or x.shape[-1] != self.pad_to:
+            return x
+        a, _ = pad_split(self.image_size, self.pad_to)
+        s = self.image_size
+        return x[..., a:a + s, a:a + s]
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         out = []
         for xb in x.split(self.batch_size):
-            posterior = self.vae.encode(xb.to(self.device, torch.float32)).latent_dist
+            posterior = self.vae.encode(self.pad(xb.to(self.device, torch.float32))).latent_dist
             z = posterior.sample(generator=generator)  # (b, latent_channels, H/f, W/f)
             out.append(((z - self.shift_factor) * self.scaling_factor).to(x.device))
         return torch.cat(out)
@@ -146,11 +181,13 @@ class VAECodec(Codec):
         out = []
         for zb in z.split(self.batch_size):
             zb = zb.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
-            out.append(self.vae.decode(zb).sample.clamp(-1.0, 1.0).to(z.device))
+            out.append(self.crop(self.vae.decode(zb).sample.clamp(-1.0, 1.0)).to(z.device))
         return torch.cat(out)
 
     def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
         _, h, w = image_shape
+        if self.image_size is not None and h == w == self.image_size:
+            h = w = self.pad_to
         f = self.downsample
         if h % f or w % f:
             raise UserError(f"image size {h}x{w} is not a multiple of the VAE's down-sampling factor {f}")
@@ -158,6 +195,21 @@ class VAECodec(Codec):
 
     def config(self) -> dict:
         return {"name": self.name, "path": str(self.path)}
+
+
+def _read_padding(path: Path) -> tuple[int | None, int | None]:
+    """(image_size, pad_to) from a VAE folder's PADDING_FILE; (None, None) when it has none."""
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        size, pad_to = data["image_size"], data["pad_to"]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, pad_to)) and 1 <= size <= pad_to
+    except (OSError, ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path}: invalid padding record (need integers image_size <= pad_to)")
+    return size, pad_to
 
 
 def make_codec(name: str, path: str | Path | None = None, device: str | torch.device = "cpu",

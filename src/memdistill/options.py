@@ -227,6 +227,7 @@ SEED_MAX = 2**31 - 1
 # paths; evaluate only writes results.json into --out, so there an input may lie inside --out.
 INPUT_OPTIONS = {
     "pretrain": ("data", "subset", "vae", "latent_cache"),
+    "train-vae": ("data", "subset", "test"),
     "finetune": ("data", "subset", "init", "vae", "latent_cache"),
     "sample": ("model", "subset", "vae", "from_pool", "judge_data"),
     "select": ("data", "subset"),

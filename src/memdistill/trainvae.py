@@ -1,0 +1,353 @@
+"""`memdistill train-vae`: a small KL-regularised autoencoder (diffusers AutoencoderKL, the architecture family of
+sd-vae-ft-ema) trained on one dataset, exported as a ``save_pretrained`` folder that ``--codec vae --vae <folder>``
+loads as it loads sd-vae-ft-ema.
+
+Loss (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", their autoencoder loss
+without the perceptual and adversarial terms): per image, the L1 (or squared) reconstruction error summed over the
+pixels, plus ``kl_weight`` (1e-6, their KL weight) times the KL divergence of the posterior from N(0, I) summed over
+the latent; both averaged over the batch. The decoder reconstructs one posterior sample, as in their training.
+
+Scaling factor: 1 / the standard deviation of the posterior *samples* of the whole training split (latent
+diffusion's ``scale_by_std`` takes the std of the samples of its first batch), written into the exported
+config.json as ``scaling_factor``, so that scaled training latents have std 1.
+
+Images whose side is not a multiple of twice the down-sampling factor are padded (black, centred) to the next such
+size, so latents have an even side (a DiT with patch 2 splits them): 28 px digits become 32 px, latents 4x8x8. The
+padding is recorded beside config.json (codec.PADDING_FILE); the codec pads on encode and crops on decode.
+
+Everything random in a step (the batch, the posterior sample) derives from (seed, step), so ``--resume`` continues
+bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checks import MAX_LR, MAX_WEIGHT_DECAY, flag, require_finite, require_int
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOSS_CHOICES = ("l1", "mse")
+# The KL weight of latent diffusion's KL autoencoders (Rombach et al. 2022, configs autoencoder_kl_*: kl_weight 1e-6).
+LDM_KL_WEIGHT = 1e-6
+# How a run is watched, not what it computes: a resume may change these (and --steps, which only says where to stop).
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress", "steps"}
+RESUME_KEYS = ("model", "opt", "rng", "step", "config")
+
+
+@dataclass
+class VAEConfig:
+    # data (as every stage: data.open_dataset)
+    data: str = "mnist5k"
+    subset: str | None = None
+    resolution: int | None = None
+    skip_bad_images: bool = False
+    channels: str = "auto"
+    labels: str = "auto"
+    test: str | None = None
+    # architecture: AutoencoderKL with len(channels_list) resolution levels (down-sampling 2^(levels-1))
+    channels_list: str = "32,64,64"
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    pad_to: int | None = None
+    # optimisation
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "l1"
+    kl_weight: float = LDM_KL_WEIGHT
+    judge_epochs: int = 5
+    # bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 25
+    device: str = "auto"
+    progress: bool = True
+
+    def block_channels(self) -> tuple[int, ...]:
+        """--channels-list as a tuple of ints (UserError when it is not a comma list of positive multiples of 32)."""
+        try:
+            values = tuple(int(v) for v in self.channels_list.split(","))
+        except ValueError:
+            values = ()
+        # diffusers' GroupNorm uses 32 groups: every width must be a multiple of 32.
+        if not values or any(v < 32 or v % 32 for v in values):
+            raise UserError(f"--channels-list must be comma-separated multiples of 32 (e.g. 32,64,64), got "
+                            f"{self.channels_list!r}")
+        return values
+
+    def validate(self) -> None:
+        """Refuse bad settings with a UserError naming the option."""
+        self.block_channels()
+        if self.loss not in LOSS_CHOICES:
+            raise UserError(f"--loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}")
+        require_finite("--lr", self.lr, 0, MAX_LR, low_open=True)
+        require_finite("--weight-decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
+        require_finite("--kl-weight", self.kl_weight, 0, 1)
+        for name in ("latent_channels", "layers_per_block", "steps", "batch_size", "judge_epochs",
+                     "checkpoint_every", "log_every"):
+            require_int(flag(name), getattr(self, name), low=1)
+        require_int("--pad-to", self.pad_to, low=1, optional=True)
+
+    def with_resolved_paths(self) -> "VAEConfig":
+        """This config with --data, --subset and --test as absolute paths (names of built-in sets stay names)."""
+        from .train import _resolved
+
+        return dataclasses.replace(self, data=_resolved("data", self.data), subset=_resolved("subset", self.subset),
+                                   test=_resolved("data", self.test))
+
+
+def vae_defaults() -> VAEConfig:
+    """Settings for 28 px grey digits (mnist5k): 4x8x8 latents of 32 px padded images, 3.8 MB of weights."""
+    return VAEConfig()
+
+
+def working_size(side: int, levels: int, pad_to: int | None) -> int:
+    """The side the VAE works at for images of ``side`` px: ``pad_to`` when given (UserError below ``side`` or not
+    a multiple of the down-sampling factor), else the next multiple of twice the down-sampling factor."""
+    f = 2 ** (levels - 1)
+    if pad_to is None:
+        return -(-side // (2 * f)) * (2 * f)
+    if pad_to < side or pad_to % f:
+        raise UserError(f"--pad-to must be at least the image size {side} and a multiple of the down-sampling "
+                        f"factor {f}, got {pad_to}")
+    return pad_to
+
+
+def build_vae(cfg: VAEConfig, channels: int, sample_size: int):
+    """A randomly initialised AutoencoderKL (weights from the global RNG) for ``channels``-channel images."""
+    from diffusers import AutoencoderKL
+
+    widths = cfg.block_channels()
+    return AutoencoderKL(in_channels=channels, out_channels=channels,
+                         down_block_types=("DownEncoderBlock2D",) * len(widths),
+                         up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+                         layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+                         norm_num_groups=32, sample_size=sample_size)
+
+
+def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, cfg: VAEConfig) -> tuple[torch.Tensor, dict]:
+    """(loss, parts) of a batch x (B, C, P, P) in [-1, 1] at the working size: reconstruction error of one posterior
+    sample summed per image, plus kl_weight times the per-image KL sum, averaged over the batch."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator=generator)  # (B, latent_channels, P/f, P/f)
+    recon = vae.decode(z).sample
+    err = (recon - x).abs() if cfg.loss == "l1" else (recon - x).square()
+    rec = err.flatten(1).sum(1).mean()
+    kl = posterior.kl().mean()  # diffusers sums over the latent's elements
+    return rec + cfg.kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
+
+
+def _step_noise(seed: int, step: int) -> torch.Generator:
+    from .train import step_generator
+
+    return step_generator(seed, step, stream=2)
+
+
+@torch.no_grad()
+def latent_std(vae, images: torch.Tensor, seed: int, batch_size: int = 256) -> float:
+    """Standard deviation over every element of the posterior samples of images (N, C, P, P); the samples are drawn
+    from one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(vae.parameters()).device
+    total, total_sq, count = 0.0, 0.0, 0
+    for xb in images.split(batch_size):
+        z = vae.encode(xb.to(device)).latent_dist.sample(generator=g).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.square().sum().item(), count + z.numel()
+    mean = total / count
+    return math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB) between a and b (N, C, H, W) in [-1, 1], measured on [0, 1] images (peak 1);
+    an exact copy counts as 100 dB."""
+    mse = ((a - b) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def _load_state(path: Path) -> dict:
+    from .models.io import load_weights_only
+
+    state = load_weights_only(path, "a resume state", map_location="cpu")
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{path} is not a train-vae resume state (no {', '.join(missing)}); start again with "
+                        "--overwrite or another --out")
+    return state
+
+
+def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train, export ``out/export`` and measure; returns the results (also in ``out/manifest.json``).
+
+    Raises UserError for bad settings, a changed resume, or a loss or weight that becomes non-finite (naming
+    the step; nothing is exported)."""
+    from .data import load_tensors, open_dataset
+    from .devices import resolve_device
+    from .manifest import write_json_atomic, write_manifest
+    from .train import _trim_metrics, batch_indices, prepare_output, restore_rng, rng_state, save_atomic
+
+    cfg = cfg.with_resolved_paths()
+    cfg.validate()
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images, cfg.channels, cfg.labels)
+    images, targets = load_tensors(ds)  # (N, C, S, S) in [-1, 1], (N,)
+    n, side = len(targets), images.shape[-1]
+    if n < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n} training images")
+    widths = cfg.block_channels()
+    size = working_size(side, len(widths), cfg.pad_to)
+    state_path, _ = prepare_output(out, cfg, resume, overwrite, rank=0)  # checks the settings of a --resume
+
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    vae = build_vae(cfg, images.shape[1], size).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state_path is not None:
+        state = _load_state(state_path)
+        if state.get("data") not in (None, ds.identity):
+            raise UserError(f"--resume: the data differ from those the run in {out} was trained on "
+                            f"(--data {cfg.data}); resume on the same images, or start again with --overwrite")
+        if cfg.steps < state["step"]:
+            raise UserError(f"--resume: --steps {cfg.steps} is below step {state['step']}, which the run in {out} "
+                            f"already reached")
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        restore_rng(state["rng"])
+        start = state["step"]
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
+    _trim_metrics(out / "metrics.jsonl", start)
+
+    from .codec import pad_split
+
+    a, b = pad_split(side, size)
+    padded = torch.nn.functional.pad(images, (a, b, a, b), value=-1.0)  # codec.PAD_VALUE, black
+
+    def save_state(step: int) -> None:
+        save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "rng": rng_state(), "step": step,
+                     "config": dataclasses.asdict(cfg), "data": ds.identity}, out / "checkpoints" / "last.pt")
+
+    def diverged(step: int, what: str) -> UserError:
+        return UserError(f"training diverged: {what} became non-finite (NaN or infinity) at step {step}; nothing "
+                         f"was exported. Start again with a smaller --lr (now {cfg.lr:g}) (with --overwrite or "
+                         "another --out)")
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train-vae", disable=not cfg.progress, dynamic_ncols=True)
+    mark, mark_step = time.perf_counter(), start
+    with open(out / "metrics.jsonl", "a") as metrics:
+        try:
+            for step in range(start, cfg.steps):
+                idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+                loss, parts = vae_loss(vae, padded[idx].to(device), _step_noise(cfg.seed, step), cfg)
+                # One host read per step: a tiny VAE's step is long next to it, and a NaN is caught where it starts.
+                if not torch.isfinite(loss):
+                    raise diverged(step + 1, "the loss")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    row = {"step": done, "loss": loss.item(), "rec": parts["rec"].item(), "kl": parts["kl"].item(),
+                           "step_time": (time.perf_counter() - mark) / (done - mark_step)}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(rec=f"{row['rec']:.2f}", kl=f"{row['kl']:.0f}", refresh=False)
+                    mark, mark_step = time.perf_counter(), done
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    if not all(torch.isfinite(p).all() for p in vae.parameters()):
+                        raise diverged(done, "the weights")
+                    save_state(done)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    vae.eval()
+    std = latent_std(vae, padded, cfg.seed)
+    export = out / "export"
+    export_vae(vae.cpu(), export, scaling_factor=1.0 / std, image_size=side, pad_to=size)
+    latent_side = size // 2 ** (len(widths) - 1)
+    results = {"latent_std": std, "scaling_factor": 1.0 / std, "image_size": side, "pad_to": size,
+               "latent_shape": [cfg.latent_channels, latent_side, latent_side],
+               "parameters": sum(p.numel() for p in vae.parameters()),
+               "export_bytes": sum(f.stat().st_size for f in export.iterdir()),
+               **reconstruction_quality(cfg, ds, export, images, targets, device)}
+    write_manifest(out, "train-vae", dataclasses.asdict(cfg), export="export", data=ds.identity,
+                   class_names=list(ds.class_names), steps=cfg.steps, results=results)
+    return results
+
+
+def export_vae(vae, folder: Path, scaling_factor: float, image_size: int, pad_to: int) -> None:
+    """``vae.save_pretrained(folder)`` with ``scaling_factor`` in its config.json, plus the padding record the codec
+    reads (codec.PADDING_FILE) when the VAE works on padded images."""
+    from .codec import PADDING_FILE
+    from .manifest import write_json_atomic
+
+    vae.register_to_config(scaling_factor=float(scaling_factor))
+    vae.save_pretrained(folder, safe_serialization=True)
+    record = folder / PADDING_FILE
+    if pad_to != image_size:
+        write_json_atomic(record, {"image_size": image_size, "pad_to": pad_to})
+    else:
+        record.unlink(missing_ok=True)
+
+
+def reconstruction_quality(cfg: VAEConfig, train_ds, export: Path, train_x: torch.Tensor, train_y: torch.Tensor,
+                           device: torch.device) -> dict:
+    """PSNR (dB, [0, 1] images) of the test split's reconstructions through the exported folder (loaded as
+    ``--codec vae`` loads it: pad, encode one posterior sample, decode, crop), and the top-1 (%) of a judge (ConvNet-3
+    trained on the real train split, metrics.train_feature_extractor) on the originals and on the reconstructions.
+    Empty when there is no test split (a folder --data without --test)."""
+    from .codec import VAECodec
+    from .data import EMBEDDED, load_tensors, open_dataset
+    from .metrics import classifier_accuracy, train_feature_extractor
+
+    test = cfg.test or (cfg.data if cfg.data in EMBEDDED else None)
+    if test is None:
+        log.warning("no --test images: reconstruction quality not measured")
+        return {}
+    test_ds = open_dataset(test, "test", cfg.subset, train_ds.resolution, cfg.skip_bad_images, train_ds.channels,
+                           cfg.labels)
+    if list(test_ds.class_names) != list(train_ds.class_names):
+        raise UserError(f"--test {test}: its classes differ from those of --data {cfg.data}")
+    test_x, test_y = load_tensors(test_ds)
+    codec = VAECodec(export, device=device)
+    recon = codec.decode(codec.encode(test_x, generator=torch.Generator().manual_seed(cfg.seed)))
+    judge = train_feature_extractor(train_x, train_y, train_ds.num_classes, epochs=cfg.judge_epochs, device=device,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+    return {"test": test_ds.identity, "test_images": len(test_y), "psnr_db": psnr(recon, test_x),
+            "judge": {"net": "convnet3", "epochs": cfg.judge_epochs},
+            "judge_top1_originals": classifier_accuracy(judge, test_x, test_y, device=device),
+            "judge_top1_reconstructions": classifier_accuracy(judge, recon, test_y, device=device)}
+
+
+VAE_HELP = {
+    "test": "real test images for the reconstruction figures: an embedded dataset's name or a folder (default: the "
+            "test split of an embedded --data; none for a folder: no figures)",
+    "channels_list": "comma-separated widths of the resolution levels, multiples of 32; n levels down-sample by "
+                     "2^(n-1)",
+    "latent_channels": "channels of the latents",
+    "layers_per_block": "ResNet layers per resolution level",
+    "pad_to": "side the VAE works at; images are padded (black, centred) to it and decodes cropped back "
+              "(default: none = the next multiple of twice the down-sampling factor, 28 -> 32 px)",
+    "steps": "optimisation steps",
+    "batch_size": "batch size",
+    "lr": "AdamW learning rate, above 0 and at most 1",
+    "loss": "reconstruction loss: l1 (as latent diffusion) or mse, summed over each image's pixels",
+    "kl_weight": "weight of the KL term, 0 to 1 (default: 1e-6, latent diffusion's)",
+    "judge_epochs": "epochs of the ConvNet-3 judge trained on the real train split",
+    "seed": "seed of the initial weights, batch order and posterior samples, 0 to 2147483647",
+    "checkpoint_every": "save a resume state every this many steps",
+    "log_every": "write a line of metrics.jsonl every this many steps",
+}
