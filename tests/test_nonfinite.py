@@ -176,6 +176,7 @@ def test_non_finite_samples_of_a_diverged_model_blame_the_model(tiny_model, tmp_
 
 
 def test_non_finite_samples_from_guidance_alone_blame_the_guidance(tiny_model, tmp_path, capsys, monkeypatch):
+    import memdistill.guidance as guidance
     import memdistill.sample as sample
 
     real = sample.guided
@@ -185,6 +186,7 @@ def test_non_finite_samples_from_guidance_alone_blame_the_guidance(tiny_model, t
         return fn if scale == 1 else (lambda x, t, y: fn(x, t, y) * float("inf"))
 
     monkeypatch.setattr(sample, "guided", overflowing_guidance)
+    monkeypatch.setattr(guidance, "guided", overflowing_guidance)  # what sample's guidance_fn wraps
     out = tmp_path / "set"
     assert main(["sample", "--model", str(tiny_model), "--ipc", "1", "--steps", "2", "--cfg-scale", "4",
                  "--device", "cpu", "--out", str(out)]) == 2

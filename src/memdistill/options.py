@@ -140,7 +140,22 @@ SAMPLE_HELP = {
     "eta": "DDIM noise, 0 (deterministic) to 1",
     "guided_channels": "guide only the first N latent channels, 3 reproduces the official DiT sampler "
                        "(default: none, all channels)",
-    "seed": "seed of the per-image noise (image i of class c always gets the same noise), 0 to 2147483647",
+    "cfg_interval": "a,b: classifier-free guidance only at timesteps a <= t < b of the 1000-step scale "
+                    "(0 = clean, 999 = pure noise), the conditional prediction alone elsewhere "
+                    "(default: none, every timestep)",
+    "cfg_schedule": "how the guidance scale w ramps with timestep t: constant (w), linear or cosine (from 1 at "
+                    "pure noise up to w at the clean end)",
+    "mode_guidance": "mode guidance strength, 0 (off) to 1: each image's predicted clean sample is pulled this "
+                     "fraction of the way towards its class mode (k-means of the real train images)",
+    "mode_stop": "fraction of the sampling trajectory, from pure noise, during which mode guidance acts, 0 to 1",
+    "modes": "modes (k-means clusters) per class; image i of a class follows mode i mod k "
+             "(default: none, as many as --ipc)",
+    "mode_data": "real train data for the modes: an embedded set (mnist5k, digits) or a class-per-folder image "
+                 "tree (default: none, the embedded set the model was trained on; run: its --data)",
+    "mode_cache": "folder where the modes (and VAE latents of the mode data) are cached and reused "
+                  "(default: none, computed on every call)",
+    "seed": "seed of the per-image noise (image i of class c always gets the same noise) and of the k-means of "
+            "the modes, 0 to 2147483647",
     "batch_size": "images sampled at once (does not change the images)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "precision": "auto, fp32, tf32 or bf16 for the DiT's forward passes: tf32 = TensorFloat-32 matrix products (CUDA "
@@ -229,15 +244,16 @@ INPUT_OPTIONS = {
     "pretrain": ("data", "subset", "vae", "latent_cache"),
     "train-vae": ("data", "subset", "test"),
     "finetune": ("data", "subset", "init", "vae", "latent_cache"),
-    "sample": ("model", "subset", "vae", "from_pool", "judge_data"),
+    "sample": ("model", "subset", "vae", "from_pool", "judge_data", "mode_data", "mode_cache"),
     "select": ("data", "subset"),
     "evaluate": ("train", "test", "subset", "teacher"),
-    "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher", "sample_judge_data"),
+    "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher", "sample_judge_data",
+            "sample_mode_data", "sample_mode_cache"),
     "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test", "eval_teacher",
-              "sample_judge_data"),
+              "sample_judge_data", "sample_mode_data", "sample_mode_cache"),
 }
 # Outputs created by the stage, so an input path that does not exist yet still counts.
-_CREATED = {"latent_cache"}
+_CREATED = {"latent_cache", "mode_cache", "sample_mode_cache"}
 
 
 def _input_paths(args: argparse.Namespace) -> dict[str, str]:

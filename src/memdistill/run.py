@@ -177,7 +177,8 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
     method = ft.memory if ft.memory != "none" else "finetuned"
     sets[method] = out / "sets" / method
     if not _complete(sets[method]):
-        sample_cfg = dataclasses.replace(cfg.sample, model=str(ft_dir), ipc=cfg.ipc)
+        sample_cfg = dataclasses.replace(cfg.sample, model=str(ft_dir), ipc=cfg.ipc,
+                                         mode_data=cfg.sample.mode_data or ft.data)  # modes of the tuned-on data
         timed("sample", sample_set, sample_cfg, sets[method], overwrite=True)
     for name in baselines:
         sets[name] = out / "sets" / name

@@ -23,7 +23,9 @@ from .codec import Codec, make_codec
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, SAMPLERS, GaussianDiffusion, image_generator
 from .errors import UserError
+from .guidance import class_modes, guidance_fn, mode_guided, parse_interval, validate_guidance
 from .imageset import ImageSetWriter, check_target, partial_path
+from .manifest import check_output_folder
 from .models.dit import DiT, guided
 from .runtime import autocast, check_precision
 
@@ -42,6 +44,14 @@ class SampleConfig:
     sampler: str = "ddpm"  # ddpm | ddim
     eta: float = 0.0  # DDIM noise (0 = deterministic)
     guided_channels: int | None = None  # None = all latent channels; 3 reproduces the official DiT sampler
+    # Guidance levers (guidance.py); timesteps on the original 1000-step scale.
+    cfg_interval: str | None = None  # "a,b": guide only at timesteps a <= t < b (scale 1 elsewhere); None = all
+    cfg_schedule: str = "constant"  # guidance.CFG_SCHEDULES: how the scale ramps with t
+    mode_guidance: float = 0.0  # strength (0..1) of the pull of each image's predicted x0 towards its mode; 0 = off
+    mode_stop: float = 0.5  # the pull lasts for this fraction of the trajectory, from pure noise
+    modes: int | None = None  # k-means modes per class (image i of a class gets mode i mod k); None = ipc
+    mode_data: str | None = None  # real train data for the modes; None = the embedded set the model was trained on
+    mode_cache: str | None = None  # folder caching the modes (and VAE latents of mode_data); None = no cache
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
@@ -77,6 +87,9 @@ class SampleConfig:
                             "it would be ignored (use --sampler ddim, or leave --eta at 0)")
         require_int(flag("batch_size", prefix), self.batch_size, low=1)
         require_int(flag("guided_channels", prefix), self.guided_channels, low=1, optional=True)
+        validate_guidance(self, prefix)
+        if self.mode_cache is not None:
+            check_output_folder(self.mode_cache, flag("mode_cache", prefix))
         require_int(flag("vae_batch_size", prefix), self.vae_batch_size, low=1)
         resolve_device(self.device)
         check_precision(self.precision, flag("precision", prefix))
@@ -125,10 +138,20 @@ class Sampler:
     source: dict  # what the set was sampled from, for the manifest
 
     def images(self, cfg: SampleConfig, jobs: list[tuple[int, int]], diffusion: GaussianDiffusion | None = None,
-               progress: bool = False) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1] for jobs (label, index), all in one batch."""
+               progress: bool = False, modes: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] for jobs (label, index), all in one batch.
+
+        ``modes`` (K, k, *latent_shape): the modes of every label (see ``mode_modes``), required when
+        cfg.mode_guidance is on; job (c, i) is pulled towards modes[c, i mod k].
+        """
         diffusion = diffusion or GaussianDiffusion()
-        fn = _at_precision(guided(self.model, cfg.cfg_scale, cfg.guided_channels), self.device, cfg.precision)
+        fn = _at_precision(guidance_fn(self.model, cfg.cfg_scale, cfg.guided_channels, cfg.cfg_schedule,
+                                       parse_interval(cfg.cfg_interval)), self.device, cfg.precision)
+        if cfg.mode_guidance and cfg.mode_stop:
+            if modes is None:
+                raise ValueError("mode guidance needs the modes of the labels (Sampler.mode_modes)")
+            own = torch.stack([modes[c, i % modes.shape[1]] for c, i in jobs]).to(self.device)  # (N, *latent_shape)
+            fn = mode_guided(fn, diffusion, own, cfg.mode_guidance, cfg.mode_stop)
         y = torch.tensor([self.cond_labels[c] for c, _ in jobs], dtype=torch.long)
         gens = [image_generator(cfg.seed, c, i) for c, i in jobs]
         z = diffusion.sample(fn, self.latent_shape, y, gens, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
@@ -140,6 +163,28 @@ class Sampler:
         if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(images).all())):
             raise UserError(self._non_finite_message(cfg, jobs, z, images, diffusion))
         return images
+
+    def mode_modes(self, cfg: SampleConfig) -> tuple[torch.Tensor, str]:
+        """(modes (K, k, *latent_shape) of every label, the data they come from) for cfg's mode guidance, with
+        k = cfg.modes or cfg.ipc: k-means of each class's real train images of cfg.mode_data (default: the
+        embedded dataset the model was trained on, when its run recorded it, or the shipped model's own set).
+        Raises UserError naming --mode-data when there is none, or when it lacks a class or images."""
+        from .data import EMBEDDED, open_dataset
+        from .pretrained import SHIPPED
+
+        data = cfg.mode_data
+        trained_on = str(self.source.get("data") or "").split(":")[0]
+        if data is None and trained_on in EMBEDDED:
+            data = trained_on
+        elif data is None and cfg.model in SHIPPED and cfg.model in EMBEDDED:  # a shipped model is named after its set
+            data = cfg.model
+        if data is None:
+            raise UserError(f"--mode-guidance needs the real train images of the model's classes: give --mode-data "
+                            f"(an embedded set: {', '.join(EMBEDDED)}, or a class-per-folder image tree)")
+        channels, side = self.image_shape[0], self.image_shape[1]
+        ds = open_dataset(data, "train", resolution=side, channels=channels)
+        k = cfg.modes or cfg.ipc
+        return class_modes(self.codec, ds, self.class_names, k, cfg.seed, cfg.mode_cache), data
 
     def _non_finite_message(self, cfg: SampleConfig, jobs: list[tuple[int, int]], z: torch.Tensor,
                             images: torch.Tensor, diffusion: GaussianDiffusion) -> str:
@@ -334,7 +379,12 @@ def _sample(cfg: SampleConfig, out: Path, overwrite: bool) -> Path:
     """cfg.ipc images per class, image i of class c from image_generator(seed, c, i), into ``out``."""
     rank, world, device = dist_setup(cfg.device)
     sampler = load_sampler(cfg, device)
-    guided(sampler.model, cfg.cfg_scale, cfg.guided_channels)  # fail on a bad guidance setting before any work
+    # fail on a bad guidance setting before any work
+    guidance_fn(sampler.model, cfg.cfg_scale, cfg.guided_channels, cfg.cfg_schedule, parse_interval(cfg.cfg_interval))
+    modes = None
+    if cfg.mode_guidance and cfg.mode_stop:
+        modes, data = sampler.mode_modes(cfg)
+        cfg = dataclasses.replace(cfg, mode_data=data, modes=modes.shape[1])  # the manifest records what was used
 
     k = len(sampler.class_names)
     classes = cfg.classes if cfg.classes is not None else list(range(k))
@@ -359,7 +409,7 @@ def _sample(cfg: SampleConfig, out: Path, overwrite: bool) -> Path:
     with writer, tqdm(total=len(mine), desc="sampling", unit="img", disable=None) as bar:
         for start in range(0, len(mine), cfg.batch_size):
             batch = mine[start:start + cfg.batch_size]
-            for (c, i), x in zip(batch, sampler.images(cfg, batch, diffusion)):
+            for (c, i), x in zip(batch, sampler.images(cfg, batch, diffusion, modes=modes)):
                 writer.add(x, position[c], i)
             bar.update(len(batch))
         if world > 1:
