@@ -100,6 +100,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     say(f"results written to {Path(args.out) / 'results.json'}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .ddranking import FORMATS, export_ddranking
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    out = export_ddranking(args.set, args.out, overwrite=args.overwrite)
+    say(f"exported {args.set} for DD-Ranking into {out} (class order in {out / 'CLASS_ORDER.txt'})")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig
     from .run import RunConfig, run_pipeline
@@ -195,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write an image set in another tool's layout (DD-Ranking)",
+                       description="Write an image set as DD-Ranking reads one: class folders 00000, 00001, ... in "
+                                   "the model's class order, and CLASS_ORDER.txt mapping each index to its class.")
+    p.add_argument("--format", default="ddranking", help="output layout: ddranking (default: ddranking)")
+    p.add_argument("--set", required=True, help="the image set (from sample or select) or a class-per-folder tree")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_export)
 
     run_defaults = RunConfig()
     p = sub.add_parser("run", help="the whole pipeline: fine-tune, sample, evaluate beside baselines, report",

@@ -207,6 +207,7 @@ INPUT_OPTIONS = {
     "sample": ("model", "subset", "vae"),
     "select": ("data", "subset"),
     "evaluate": ("train", "test", "subset"),
+    "export": ("set",),
     "run": ("data", "subset", "init", "vae", "latent_cache", "test"),
     "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test"),
 }
