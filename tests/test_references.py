@@ -123,3 +123,36 @@ def test_unwritable_cache_is_refused_naming_the_option(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="--references-cache"):
         ScoreConfig(scores=True, references_cache=str(tmp_path / "file")).validate()
+
+
+def test_evaluate_scores_option_stores_and_prints_them(tmp_path, small_set, capsys):
+    import json
+
+    from memdistill.cli import main
+
+    args = ["evaluate", "--train", str(small_set), "--net", "convnet1", "--epochs", "1", "--repeats", "2",
+            "--full-data-epochs", "1", "--out", str(tmp_path / "ev")]
+    assert main(args) == 0
+    assert "scores" not in json.loads((tmp_path / "ev" / "results.json").read_text())  # opt-in
+    assert main(args + ["--scores", "--ars", "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "HLR (points)" in printed and "LRS" in printed and "ARS" in printed
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    s = result["scores"]
+    # The set is the random selection with the protocol's seed: the random reference is the same set.
+    assert s["ior"]["per_repeat"] == [0.0, 0.0]
+    assert s["hlr"]["per_repeat"] == [f - b for f, b in zip(s["full_data"]["per_repeat"],
+                                                             [r["best"] for r in result["per_repeat"]])]
+    assert s["scaling"] == "fraction" and len(s["ars"]["per_repeat"]) == 2
+
+
+def test_evaluate_scores_of_a_folder_test_need_reference_data(tmp_path, small_set, capsys):
+    from memdistill.cli import main
+
+    assert main(["evaluate", "--train", str(small_set), "--test", str(small_set), "--scores",
+                 "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference-data is required" in err[0]
+    assert main(["evaluate", "--train", str(small_set), "--scores", "--lrs-weight", "2",
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "--lrs-weight" in capsys.readouterr().err

@@ -84,19 +84,40 @@ def _print_eval(result: dict, label: str) -> None:
     say(format_table(dict(result, label=label)))
 
 
+def _print_scores(scores: dict) -> None:
+    from .reports import SCORE_COLUMNS, score_cells
+
+    say("  ".join(f"{name} {cell}" for (_, name, _), cell in zip(SCORE_COLUMNS, score_cells(scores)) if cell != "–")
+        + f"  (scaling: {scores['scaling']})")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig, evaluate_image_set
     from .manifest import write_json_atomic
+    from .references import ScoreConfig, check_reference_data, references_for, score_set, without_augmentation
 
     # One rule for every stage: an earlier result is replaced only with --overwrite, checked before training.
     check_out(args, "results (results.json)", ("results.json",), resumable=False)
     if (Path(args.out) / "results.json").is_dir():
         raise UserError(f"--out {args.out}: results.json there is a folder; choose another --out")
     cfg = config_from_args(EvalConfig, args, EvalConfig())
+    score_cfg = config_from_args(ScoreConfig, args, ScoreConfig())
+    score_cfg.validate()
+    check_reference_data(score_cfg, args.test)
     result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
                                 resolution=args.resolution, skip_bad_images=args.skip_bad_images)
+    if score_cfg.wanted:
+        noaug = None
+        if score_cfg.ars:
+            noaug = evaluate_image_set(args.train, args.test, without_augmentation(cfg), test_split=args.test_split,
+                                       subset=args.subset, resolution=args.resolution,
+                                       skip_bad_images=args.skip_bad_images)
+        refs = references_for(result, score_cfg, args.subset, args.test_split)
+        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], score_cfg, noaug)
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
+    if "scores" in result:
+        _print_scores(result["scores"])
     say(f"results written to {Path(args.out) / 'results.json'}")
 
 
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_finetune)
 
     from .evaluate import EvalConfig
+    from .references import SCORE_HELP, ScoreConfig
     from .run import RunConfig
     from .sample import SampleConfig
 
@@ -198,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size of a train folder tree and of the test images (default: the train images' "
                         "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
+    add_config_args(p, ScoreConfig(), help=SCORE_HELP)
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images of a --test folder or a plain --train tree with a warning (default: "
                         "stop at the first)")

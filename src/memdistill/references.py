@@ -223,3 +223,27 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
     if noaug_result is not None:
         scores["set_noaug"] = _summary(noaug_result)
     return scores
+
+
+def references_for(result: dict, cfg: ScoreConfig, subset: str | None, test_split: str = "test",
+                   default_data: str | None = None) -> References:
+    """The References of an evaluate_image_set ``result`` (its test data, resolution and channels): train data
+    --reference-data, else ``default_data``, else the embedded dataset it was tested on. UserError when none."""
+    from .evaluate import NO_FLIP_DATASETS
+
+    data = cfg.reference_data or default_data or (result["test_data"] if result["test_data"] in NO_FLIP_DATASETS
+                                                  else None)
+    if data is None:
+        raise UserError("--reference-data is required for scores of a set tested on a folder: the real train images "
+                        "of its classes (the full-data and random-real references train on them)")
+    return open_references(data, result["test_data"], test_split, subset, result["resolution"], result["channels"],
+                           cfg.references_cache)
+
+
+def check_reference_data(cfg: ScoreConfig, test: str | None, default_data: str | None = None) -> None:
+    """Before any training: scores of a set tested on a folder need --reference-data (UserError)."""
+    from .evaluate import NO_FLIP_DATASETS
+
+    if cfg.wanted and not (cfg.reference_data or default_data) and test is not None and test not in NO_FLIP_DATASETS:
+        raise UserError(f"--reference-data is required with --scores when --test is a folder ({test}): the real train "
+                        "images of its classes")
