@@ -156,3 +156,23 @@ def test_evaluate_scores_of_a_folder_test_need_reference_data(tmp_path, small_se
     assert main(["evaluate", "--train", str(small_set), "--scores", "--lrs-weight", "2",
                  "--out", str(tmp_path / "ev")]) == 2
     assert "--lrs-weight" in capsys.readouterr().err
+
+
+def test_run_scores_every_set_in_its_report(tiny_model, tmp_path, capsys):
+    import json
+
+    from memdistill.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--init", str(tiny_model), "--data", "digits", "--steps", "2", "--batch-size", "8", "--ipc",
+                 "2", "--sample-steps", "2", "--eval-net", "convnet1", "--eval-epochs", "1", "--eval-repeats", "2",
+                 "--no-progress", "--scores", "--full-data-epochs", "1", "--out", str(out)]) == 0
+    assert "HLR (points)" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["adaptive", "random"]
+    for r in results:
+        assert set(r["scores"]) >= {"hlr", "ior", "lrs"} and "ars" not in r["scores"]
+    # The random baseline is drawn as the random reference is (the protocol's seed): IOR 0 for it.
+    assert results[1]["scores"]["ior"]["mean"] == 0.0
+    report = (out / "report.md").read_text()
+    assert "### DD-Ranking scores" in report and "| adaptive | 2 | convnet1 |" in report and "on fractions" in report

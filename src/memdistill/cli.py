@@ -132,6 +132,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig
+    from .references import ScoreConfig
     from .run import RunConfig, run_pipeline
     from .sample import SampleConfig
     from .train import TrainConfig
@@ -141,7 +142,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = RunConfig(ipc=args.ipc, baselines=args.baselines, test=args.test,
                     finetune=config_from_args(TrainConfig, args, base.finetune),
                     sample=config_from_args(SampleConfig, args, base.sample, prefix="sample"),
-                    eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
+                    eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"),
+                    scores=config_from_args(ScoreConfig, args, base.scores))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
     from .reports import format_score
@@ -150,6 +152,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
         n = len(r["per_repeat"])
         say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {format_score(r['best_mean'], r['best_std'], n)}  "
             f"last {format_score(r['last_mean'], r['last_std'], n)}")
+        if "scores" in r:
+            _print_scores(r["scores"])
     say(f"report: {report}")
 
 
@@ -251,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, run_defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels"},
                     help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
+    add_config_args(p, run_defaults.scores, help=SCORE_HELP)
     _add_run_folder_args(p, "runs/run")
     p.set_defaults(func=_cmd_run)
 

@@ -212,6 +212,16 @@ def pm(mean: float, std: float, repeats: int | None = None) -> str:
     return format_score(mean, std, repeats)
 
 
+def _scores_section(results: list[dict]) -> list[str]:
+    """The run report's table of DD-Ranking scores, one row per scored method (nothing when none was scored)."""
+    scored = [r for r in results if r.get("scores")]
+    if not scored:
+        return []
+    table = markdown_table(["method", "IPC", "net", *(name for _, name, _ in SCORE_COLUMNS)],
+                           [[r["method"], r["ipc"], r["net"], *score_cells(r["scores"])] for r in scored])
+    return ["", "### DD-Ranking scores", "", table, "", score_note(scored[0]["scores"])]
+
+
 def write_run_report(out: str | Path, settings: dict, results: list[dict], timings: dict[str, float],
                      grid: str, plot: str, notes: Sequence[str] = ()) -> Path:
     """report.md of `memdistill run`: what was done, the results table, the pictures and the timings."""
@@ -239,6 +249,7 @@ def write_run_report(out: str | Path, settings: dict, results: list[dict], timin
         "## Results",
         "",
         table,
+        *_scores_section(results),
         "",
         f"![accuracy per method]({plot})",
         "",
