@@ -77,6 +77,7 @@ class _Bench:
             saved = read_json_object(path, what="delete it to drop the stored timings")
             self.timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
         self._features = None
+        self.references = None  # memdistill.references.References, opened with the first scored cell
 
     def timed(self, name: str, fn: Callable, *args, **kwargs):
         t0 = time.perf_counter()
