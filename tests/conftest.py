@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _references_cache(tmp_path_factory):
+    """Reference accuracies (memdistill.references) are cached in a folder of the test session, never in the
+    user's ~/.cache; subprocesses inherit it."""
+    os.environ["MEMDISTILL_CACHE"] = str(tmp_path_factory.mktemp("memdistill-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     torch.set_num_threads(1)
     yield

@@ -1,6 +1,7 @@
 """`memdistill bench` on a tiny grid (digits, a micro DiT): outputs, resume of one cell, table layout, sweep."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -180,3 +181,20 @@ def test_reports_of_one_repeat_and_of_real_baselines_only(tmp_path, capsys):
     report = (tmp_path / "b" / "bench.md").read_text()
     assert "(1 repeat)" in printed and "± 0.00" not in printed and "± 0.00" not in report
     assert "fine-tune" not in report.split("## Top-1")[0].lower() and "Random and Herding select" in report
+
+
+def test_bench_scores_every_cell_in_a_second_table(tmp_path, capsys):
+    out = tmp_path / "bench"
+    bench_cli(*TINY, "--method", "random,herding", "--ipc", "1", "--no-metrics", "--full-data-epochs", "1",
+              "--out", out)
+    result = json.loads((out / "bench.json").read_text())
+    for c in result["cells"]:
+        assert {"hlr", "ior", "lrs"} <= set(c["scores"]) and len(c["scores"]["hlr"]["per_repeat"]) == 2
+    report = (out / "bench.md").read_text()
+    assert "## DD-Ranking scores" in report and "| IPC | net | method | HLR (points) | IOR (points) | LRS |" in report
+    assert "| 1 | convnet1 | Herding |" in report
+    with pytest.raises(UserError, match="--ars"):  # no ARS in the bench (the CLI has no --ars there)
+        bench.BenchConfig(scores=dataclasses.replace(bench.BenchConfig().scores, ars=True)).validate()
+    out3 = tmp_path / "b3"
+    bench_cli(*TINY, "--method", "random", "--ipc", "1", "--no-metrics", "--no-scores", "--out", out3)
+    assert "DD-Ranking" not in (out3 / "bench.md").read_text()

@@ -18,7 +18,7 @@ from memdistill.errors import UserError
 from memdistill.manifest import write_json_atomic
 
 # How a nested config's options are spelled on the command line of run and bench (cli.add_config_args).
-NESTED_PREFIX = {"finetune": "", "sample": "sample-", "eval": "eval-"}
+NESTED_PREFIX = {"finetune": "", "sample": "sample-", "eval": "eval-", "scores": ""}
 BAD = [float("nan"), float("inf"), float("-inf")]
 
 

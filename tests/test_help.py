@@ -73,6 +73,11 @@ def test_stage_options_in_run_and_bench_carry_the_stage_prefix():
     flags = {c: {f for a in options(p) if a.help != argparse.SUPPRESS for f in a.option_strings}
              for c, p in cmds.items()}
     training = flags["finetune"] | flags["pretrain"]
+    # The DD-Ranking score options say how a report scores its sets, not how a stage trains: one spelling in
+    # evaluate, run and bench.
+    from memdistill.references import ScoreConfig
+
+    training |= {f"--{no}{name.replace('_', '-')}" for name in ScoreConfig.__dataclass_fields__ for no in ("", "no-")}
     for command in ("run", "bench"):
         for flag in flags[command]:
             for stage in ("evaluate", "sample"):

@@ -98,25 +98,56 @@ def _print_eval(result: dict, label: str) -> None:
     say(format_table(dict(result, label=label)))
 
 
+def _print_scores(scores: dict) -> None:
+    from .reports import SCORE_COLUMNS, score_cells
+
+    say("  ".join(f"{name} {cell}" for (_, name, _), cell in zip(SCORE_COLUMNS, score_cells(scores)) if cell != "–")
+        + f"  (scaling: {scores['scaling']})")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig, evaluate_image_set
     from .manifest import write_json_atomic
+    from .references import ScoreConfig, check_reference_data, references_for, score_set, without_augmentation
 
     # One rule for every stage: an earlier result is replaced only with --overwrite, checked before training.
     check_out(args, "results (results.json)", ("results.json",), resumable=False)
     if (Path(args.out) / "results.json").is_dir():
         raise UserError(f"--out {args.out}: results.json there is a folder; choose another --out")
     cfg = config_from_args(EvalConfig, args, EvalConfig())
+    score_cfg = config_from_args(ScoreConfig, args, ScoreConfig())
+    score_cfg.validate()
+    check_reference_data(score_cfg, args.test)
     result = evaluate_image_set(args.train, args.test, cfg, test_split=args.test_split, subset=args.subset,
                                 resolution=args.resolution, skip_bad_images=args.skip_bad_images,
                                 teacher_dir=Path(args.out) / "teacher")
+    if score_cfg.wanted:
+        noaug = None
+        if score_cfg.ars:
+            noaug = evaluate_image_set(args.train, args.test, without_augmentation(cfg), test_split=args.test_split,
+                                       subset=args.subset, resolution=args.resolution,
+                                       skip_bad_images=args.skip_bad_images, teacher_dir=Path(args.out) / "teacher")
+        refs = references_for(result, score_cfg, args.subset, args.test_split)
+        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], score_cfg, noaug)
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
+    if "scores" in result:
+        _print_scores(result["scores"])
     say(f"results written to {Path(args.out) / 'results.json'}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .ddranking import FORMATS, export_ddranking
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    out = export_ddranking(args.set, args.out, overwrite=args.overwrite)
+    say(f"exported {args.set} for DD-Ranking into {out} (class order in {out / 'CLASS_ORDER.txt'})")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig
+    from .references import ScoreConfig
     from .run import RunConfig, run_pipeline
     from .sample import SampleConfig
     from .train import TrainConfig
@@ -126,7 +157,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = RunConfig(ipc=args.ipc, baselines=args.baselines, test=args.test,
                     finetune=config_from_args(TrainConfig, args, base.finetune),
                     sample=config_from_args(SampleConfig, args, base.sample, prefix="sample"),
-                    eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
+                    eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"),
+                    scores=config_from_args(ScoreConfig, args, base.scores))
     report = run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     results = json.loads((report.parent / "results.json").read_text())
     from .evaluate import labels_line
@@ -139,6 +171,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
         n = len(r["per_repeat"])
         say(f"{r['method']:>10}  IPC {r['ipc']}  {r['net']}  best {format_score(r['best_mean'], r['best_std'], n)}  "
             f"last {format_score(r['last_mean'], r['last_std'], n)}")
+        if "scores" in r:
+            _print_scores(r["scores"])
     say(f"report: {report}")
 
 
@@ -180,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_vae)
 
     from .evaluate import EvalConfig
+    from .references import SCORE_HELP, ScoreConfig
     from .run import RunConfig
     from .sample import SampleConfig
 
@@ -220,12 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size of a train folder tree and of the test images (default: the train images' "
                         "own size, which a tree's images must then share; e.g. 256 for ImageNet photos)")
     add_config_args(p, EvalConfig(), help=EVAL_HELP)
+    add_config_args(p, ScoreConfig(), help=SCORE_HELP)
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images of a --test folder or a plain --train tree with a warning (default: "
                         "stop at the first)")
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write an image set in another tool's layout (DD-Ranking)",
+                       description="Write an image set as DD-Ranking reads one: class folders 00000, 00001, ... in "
+                                   "the model's class order, and CLASS_ORDER.txt mapping each index to its class.")
+    p.add_argument("--format", default="ddranking", help="output layout: ddranking (default: ddranking)")
+    p.add_argument("--set", required=True, help="the image set (from sample or select) or a class-per-folder tree")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_export)
 
     run_defaults = RunConfig()
     p = sub.add_parser("run", help="the whole pipeline: fine-tune, sample, evaluate beside baselines, report",
@@ -242,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "from_pool"},
                     help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, run_defaults.eval, help=EVAL_HELP, prefix="eval")
+    add_config_args(p, run_defaults.scores, help=SCORE_HELP)
     _add_run_folder_args(p, "runs/run")
     p.set_defaults(func=_cmd_run)
 

@@ -422,7 +422,8 @@ def evaluate_image_set(train_folder: str | Path, test: str | None, config: EvalC
     result = evaluate_repeats(train_x, train_y, test_x, test_y, len(test_names), config, teacher)
     result.update(train=str(train_folder), test=f"{test}:{test_split}" if test in NO_FLIP_DATASETS else test,
                   method=manifest.get("method") or Path(train_folder).expanduser().resolve().name,
-                  ipc=manifest.get("ipc") or images_per_class(train_y), num_test=len(test_y))
+                  ipc=manifest.get("ipc") or images_per_class(train_y), num_test=len(test_y),
+                  test_data=test, resolution=resolution or int(train_x.shape[-1]), channels=int(train_x.shape[1]))
     return result
 
 

@@ -247,6 +247,7 @@ INPUT_OPTIONS = {
     "sample": ("model", "subset", "vae", "from_pool", "judge_data", "mode_data", "mode_cache"),
     "select": ("data", "subset"),
     "evaluate": ("train", "test", "subset", "teacher"),
+    "export": ("set",),
     "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher", "sample_judge_data",
             "sample_mode_data", "sample_mode_cache"),
     "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test", "eval_teacher",

@@ -174,17 +174,52 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def format_score(mean: float, std: float, repeats: int | None = None) -> str:
+def format_score(mean: float, std: float, repeats: int | None = None, digits: int = 2) -> str:
     """A top-1 figure as people read it: "91.60 ± 1.21" (mean ± sample std over repeats), or
-    "91.60 (1 repeat)" for a single repeat, which has no spread to show. repeats None: not known (2 or more)."""
+    "91.60 (1 repeat)" for a single repeat, which has no spread to show. repeats None: not known (2 or more).
+    ``digits``: decimals (3 for LRS and ARS, which lie in 0..1)."""
     if repeats == 1:
-        return f"{mean:.2f} (1 repeat)"
-    return f"{mean:.2f} ± {std:.2f}"
+        return f"{mean:.{digits}f} (1 repeat)"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# DD-Ranking's scores as reports show them: key, column name, decimals (memdistill.scores).
+SCORE_COLUMNS = (("hlr", "HLR (points)", 2), ("ior", "IOR (points)", 2), ("lrs", "LRS", 3), ("ars", "ARS", 3))
+
+
+def score_cells(scores: dict | None) -> list[str]:
+    """The HLR, IOR, LRS and ARS cells of one scored result (mean ± std over repeats); "–" where not measured."""
+    scores = scores or {}
+    return [format_score(scores[k]["mean"], scores[k]["std"], len(scores[k]["per_repeat"]), digits) if k in scores
+            else "–" for k, _, digits in SCORE_COLUMNS]
+
+
+def score_note(scores: dict) -> str:
+    """One sentence on how the scores were computed (scaling, weights, references)."""
+    full = scores["full_data"]
+    text = (f"DD-Ranking scores (arXiv 2505.13300): HLR = full-data top-1 ({format_score(full['best_mean'], full['best_std'], len(full['per_repeat']))} %, "
+            f"{full['epochs']} epochs on the whole train split) - the set's; IOR = the set's top-1 - that of a random "
+            f"real subset of the same IPC; LRS = (e^a - e^-1)/(e - e^-1), a = {scores['weight']:g} IOR - "
+            f"{1 - scores['weight']:g} HLR on {'fractions' if scores['scaling'] == 'fraction' else 'points'}")
+    if "ars" in scores:
+        text += (f"; ARS the same shape of {scores['ars_lambda']:g} x (set - random with augmentation) + "
+                 f"{1 - scores['ars_lambda']:g} x (without), our combination pending the paper")
+    return text + ". Mean ± sample std over repeats, paired by classifier seed."
 
 
 def pm(mean: float, std: float, repeats: int | None = None) -> str:
     """Mean ± std, or the mean and "(1 repeat)" for one repeat (format_score)."""
     return format_score(mean, std, repeats)
+
+
+def _scores_section(results: list[dict]) -> list[str]:
+    """The run report's table of DD-Ranking scores, one row per scored method (nothing when none was scored)."""
+    scored = [r for r in results if r.get("scores")]
+    if not scored:
+        return []
+    table = markdown_table(["method", "IPC", "net", *(name for _, name, _ in SCORE_COLUMNS)],
+                           [[r["method"], r["ipc"], r["net"], *score_cells(r["scores"])] for r in scored])
+    return ["", "### DD-Ranking scores", "", table, "", score_note(scored[0]["scores"])]
 
 
 def write_run_report(out: str | Path, settings: dict, results: list[dict], timings: dict[str, float],
@@ -214,6 +249,7 @@ def write_run_report(out: str | Path, settings: dict, results: list[dict], timin
         "## Results",
         "",
         table,
+        *_scores_section(results),
         "",
         f"![accuracy per method]({plot})",
         "",

@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
+from .references import ScoreConfig, references_for, score_set, without_augmentation
 from .manifest import (NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing,
                        write_json_atomic, write_manifest)
 from .sample import SampleConfig, sample_set
@@ -42,6 +43,8 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     # 100 epochs instead of the IPC table's 2000 keeps the embedded default within minutes on 2 CPU cores.
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=100, repeats=3))
+    # Off by default: the first full-data reference trains minutes per classifier on a CPU (references module).
+    scores: ScoreConfig = field(default_factory=ScoreConfig)
 
     def baseline_list(self) -> list[str]:
         names = [b.strip() for b in self.baselines.split(",") if b.strip()]
@@ -64,6 +67,7 @@ class RunConfig:
             raise UserError("--sample-vae decodes latents, but the run works in pixel space (--codec pixel); leave "
                             "it out")
         self.eval.validate(prefix="eval-")
+        self.scores.validate()
 
 
 def _complete(folder: Path) -> bool:
@@ -72,7 +76,9 @@ def _complete(folder: Path) -> bool:
 
 # Options that change how a run is watched or scheduled, not what it computes.
 WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_every", "finetune.device",
-              "sample.device", "sample.batch_size", "eval.device"}
+              "sample.device", "sample.batch_size", "eval.device",
+              # scores are computed from the stored evaluations: asking for them on --resume redoes no stage
+              *(f"scores.{name}" for name in ScoreConfig.__dataclass_fields__)}
 
 
 def _settings_now(cfg: RunConfig) -> dict:
@@ -199,6 +205,8 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
             write_json_atomic(path, result)
         result["method"] = name
         results.append(result)
+    if cfg.scores.wanted:
+        _score(cfg, out, sets, results, timed)
 
     # 4. report
     images, labels, class_names, _ = read_image_set(sets[method])
@@ -213,7 +221,7 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
     accuracy_plot(results, out / "accuracy.png",
                   title=f"{ft.data}, IPC {cfg.ipc}, {eval_cfg.net}, {eval_cfg.repeats} repeats")
     summary = [{k: r[k] for k in ("method", "ipc", "net", "best_mean", "best_std", "last_mean", "last_std",
-                                  "per_repeat", "epochs")} for r in results]
+                                  "per_repeat", "epochs", "scores") if k in r} for r in results]
     write_json_atomic(out / "results.json", {"results": summary, "timings": timings})
     settings = {"data": ft.data, "subset": ft.subset, "test": test, "ipc": cfg.ipc, "memory": ft.memory,
                 "init": ft.init, "finetune_steps": ft.steps, "lambda_real": ft.lambda_real,
@@ -236,3 +244,26 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
                                 "finetune": dataclasses.asdict(ft), "sample": dataclasses.asdict(cfg.sample),
                                 "eval": dataclasses.asdict(eval_cfg)}, report="report.md")
     return report
+
+
+def _score(cfg: RunConfig, out: Path, sets: dict[str, Path], results: list[dict], timed) -> None:
+    """Add DD-Ranking's scores to every result (memdistill.references): references on the run's own train data;
+    with --ars every set is evaluated again without augmentation (eval/<method>-noaug.json, kept on resume)."""
+    ft, eval_cfg = cfg.finetune, cfg.eval
+    for result in results:
+        if "test_data" not in result:  # an evaluation stored by an older version: evaluate it again for scores
+            raise UserError(f"{out / 'eval' / (result['method'] + '.json')} predates scores; delete it to evaluate "
+                            "that set again")
+    refs = references_for(results[0], cfg.scores, ft.subset, default_data=ft.data)
+    for result in results:
+        noaug = None
+        if cfg.scores.ars:
+            path = out / "eval" / f"{result['method']}-noaug.json"
+            if path.is_file():
+                noaug = read_json_object(path, EVAL_KEYS, what="delete it to evaluate that set again")
+            else:
+                noaug = timed(f"evaluate {result['method']} without augmentation", evaluate_image_set,
+                              sets[result["method"]], result["test_data"], without_augmentation(eval_cfg),
+                              subset=ft.subset, resolution=None)
+                write_json_atomic(path, noaug)
+        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], cfg.scores, noaug)

@@ -78,6 +78,7 @@ class _Bench:
             self.timings = {k: float(v) for k, v in saved.items() if isinstance(v, NUMBER) and not isinstance(v, bool)}
         self._features = None
         self._judge = None
+        self.references = None  # memdistill.references.References, opened with the first scored cell
 
     def timed(self, name: str, fn: Callable, *args, **kwargs):
         t0 = time.perf_counter()

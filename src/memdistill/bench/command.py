@@ -8,6 +8,7 @@ import json
 import logging
 
 from ..evaluate import EvalConfig, labels_line
+from ..references import ScoreConfig
 from ..sample import SampleConfig
 from ..train import TrainConfig
 from .config import METHODS, BenchConfig
@@ -42,6 +43,7 @@ BENCH_HELP = {
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``bench`` subcommand on the subparsers of the memdistill command line."""
     from ..options import EVAL_HELP, SAMPLE_HELP, TRAIN_HELP, add_config_args
+    from ..references import SCORE_HELP
 
     defaults = BenchConfig()
     p = sub.add_parser("bench", help="several methods side by side at several IPCs: a table, a plot, metrics",
@@ -52,13 +54,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                                    "of the options are fine-tuning options; an option that takes a list keeps its "
                                    "name (--method dit,adaptive --ipc 1,10,50 --eval-net convnet3,resnet18).")
     # Bench-level lists of a stage's option keep that option's name and the stage prefix (as in run).
-    add_config_args(p, defaults, skip={"finetune", "sample", "eval"}, help=BENCH_HELP,
+    add_config_args(p, defaults, skip={"finetune", "sample", "eval", "scores"}, help=BENCH_HELP,
                     flags={"methods": "--method", "ipcs": "--ipc", "nets": "--eval-net", "repeats": "--eval-repeats"})
     add_config_args(p, defaults.finetune, skip={"model", "stage", "memory"}, help=TRAIN_HELP)
     # Pool and rule come with a method variant (METHOD+select:RULE[:F]), one per column, not as one setting
     add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels", "pool", "select",
                                               "keep_pool", "from_pool"}, help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, defaults.eval, skip={"net", "repeats"}, help=EVAL_HELP, prefix="eval")
+    add_config_args(p, defaults.scores, skip={"ars", "ars_lambda"}, help=SCORE_HELP)
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--resume", action="store_true", help="continue the bench in --out; finished cells are kept")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
@@ -73,7 +76,8 @@ def config_from_namespace(args: argparse.Namespace) -> BenchConfig:
     cfg = config_from_args(BenchConfig, args, base)
     return dataclasses.replace(cfg, finetune=config_from_args(TrainConfig, args, base.finetune),
                                sample=config_from_args(SampleConfig, args, base.sample, prefix="sample"),
-                               eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"))
+                               eval=config_from_args(EvalConfig, args, base.eval, prefix="eval"),
+                               scores=config_from_args(ScoreConfig, args, base.scores))
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from ..checks import flag, require_finite
 from ..errors import UserError
 from ..evaluate import EvalConfig
 from ..finetune import finetune_defaults
+from ..references import ScoreConfig
 from ..sample import SampleConfig
 from ..train import TrainConfig
 
@@ -139,6 +140,8 @@ class BenchConfig:
     finetune: TrainConfig = field(default_factory=finetune_defaults)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # epochs None: the protocol's table (METHOD.md section 7)
+    # DD-Ranking's HLR / IOR / LRS of every cell, on by default (references trained once, cached); no ARS here
+    scores: ScoreConfig = field(default_factory=lambda: ScoreConfig(scores=True))
 
     def method_list(self) -> list[str]:
         """The --method entries: base methods and variants METHOD+LEVER[:ARGS] (see parse_method), each checked."""
@@ -198,6 +201,10 @@ class BenchConfig:
         self.finetune.validate()
         self.sample.validate(prefix="sample-")
         self.eval.validate(prefix="eval-")
+        self.scores.validate()
+        if self.scores.ars:
+            raise UserError("--ars is not measured by bench (it would evaluate every cell twice); use evaluate or "
+                            "run --ars on a set")
 
 
 def _split(text: str, name: str, kind: type) -> list:

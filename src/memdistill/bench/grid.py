@@ -6,11 +6,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ..errors import UserError
 from ..manifest import write_json_atomic
 from .cells import _Bench
 from .config import LABELS, MEMORY_OF, REAL_METHODS, TIE_RULE, method_label, parse_method
 from .report import _epochs_note, _settings, _timings_table
-from .tables import accuracy_table, accuracy_vs_ipc_plot, metrics_table
+from .tables import accuracy_table, accuracy_vs_ipc_plot, metrics_table, scores_table
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,19 @@ def _method_sentence(methods, bench: _Bench) -> str:
     return " ".join(parts)
 
 
+def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int) -> dict:
+    """DD-Ranking's scores of one cell against references under the cell's protocol (trained once, cached)."""
+    from ..evaluate import EvalConfig
+    from ..references import references_for, score_set
+
+    if "test_data" not in result:
+        raise UserError("a stored cell predates scores; pass --no-scores or delete the cells folder to evaluate again")
+    if bench.references is None:
+        bench.references = references_for(result, bench.cfg.scores, bench.cfg.finetune.subset,
+                                          default_data=bench.cfg.finetune.data)
+    return score_set(result, bench.references, EvalConfig(**result["config"]), ipc, bench.cfg.scores)
+
+
 def _run_grid(bench: _Bench) -> Path:
     cfg, out = bench.cfg, bench.out
     methods, ipcs, nets = cfg.method_list(), cfg.ipc_list(), cfg.net_list()
@@ -76,6 +90,8 @@ def _run_grid(bench: _Bench) -> Path:
                               # how the cell was labelled (cells from before soft labels: hard)
                               "labels": result.get("labels", "hard"), "teacher": result.get("teacher"),
                               "temperature": result.get("temperature")})
+                if cfg.scores.wanted:
+                    cells[-1]["scores"] = _cell_scores(bench, result, net, k)
     metrics = []
     if cfg.metrics:
         for m in methods:
@@ -114,6 +130,12 @@ def _write_grid_report(bench: _Bench, methods, ipcs, nets, cells, metrics) -> Pa
         "",
         "![accuracy against IPC](accuracy_vs_ipc.png)",
     ]
+    scored = [c for c in cells if c.get("scores")]
+    if scored:
+        from ..reports import score_note
+
+        lines += ["", "## DD-Ranking scores", "", scores_table(cells, methods, ipcs, nets), "",
+                  score_note(scored[0]["scores"])]
     if metrics:
         feat = (f"{extractor['net']} trained {extractor['epochs']} epochs on the real train split, "
                 f"{extractor['test_top1']:.1f} % top-1 on the real test set" if extractor else cfg.feature_net)

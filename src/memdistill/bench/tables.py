@@ -40,6 +40,19 @@ def accuracy_table(cells: Sequence[dict], methods: Sequence[str], ipcs: Sequence
     return markdown_table(["IPC", "net"] + [method_label(m) for m in methods], rows)
 
 
+def scores_table(cells: Sequence[dict], methods: Sequence[str], ipcs: Sequence[int], nets: Sequence[str]) -> str:
+    """The second table: rows IPC x net x method, columns HLR, IOR, LRS (mean ± std over repeats); cells
+    without scores are left out."""
+    from ..reports import SCORE_COLUMNS, markdown_table, score_cells
+
+    lookup = {(c["method"], c["ipc"], c["net"]): c for c in cells if c.get("scores")}
+    columns = [(i, name) for i, (key, name, _) in enumerate(SCORE_COLUMNS)
+               if any(key in c["scores"] for c in lookup.values())]
+    rows = [[k, net, LABELS.get(m, m)] + [score_cells(lookup[m, k, net]["scores"])[i] for i, _ in columns]
+            for k in ipcs for net in nets for m in methods if (m, k, net) in lookup]
+    return markdown_table(["IPC", "net", "method"] + [name for _, name in columns], rows)
+
+
 def metrics_table(metrics: Sequence[dict], methods: Sequence[str], ipcs: Sequence[int], key: str) -> str:
     """Rows IPC, columns methods, the set metric ``key`` (diversity or coverage); n/a where undefined."""
     from ..reports import markdown_table

@@ -1,0 +1,178 @@
+"""Reference accuracies: trained on the right images, cached with their config, reused when it matches and
+trained again when any keyed part changes."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from memdistill import references
+from memdistill.errors import UserError
+from memdistill.evaluate import EvalConfig
+from memdistill.references import ScoreConfig, open_references, references_cache, score_set, without_augmentation
+
+TINY = EvalConfig(net="convnet1", epochs=1, repeats=2, batch_size=128)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """Every classifier set the references train: (number of images, labels, config)."""
+    calls = []
+    real = references.evaluate_repeats
+
+    def counting(x, y, tx, ty, k, config):
+        calls.append((len(x), y.clone(), config))
+        return real(x, y, tx, ty, k, config)
+
+    monkeypatch.setattr(references, "evaluate_repeats", counting)
+    return calls
+
+
+def refs(cache):
+    return open_references("digits", "digits", "test", None, 8, 1, cache)
+
+
+def test_references_train_on_the_right_images(tmp_path, trained):
+    r = refs(tmp_path)
+    full = r.full_data(TINY, epochs=1)
+    rand = r.random_real(TINY, ipc=3)
+    (n_full, y_full, c_full), (n_rand, y_rand, c_rand) = trained
+    assert n_full == len(r.train_ds) and c_full.epochs == 1
+    assert n_rand == 30 and torch.equal(torch.bincount(y_rand), torch.full((10,), 3))
+    assert c_rand.flip is False  # the digit sets' protocol: no flip, as for the set itself
+    assert len(full["per_repeat"]) == len(rand["per_repeat"]) == 2
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, trained):
+    first = refs(tmp_path).full_data(TINY, epochs=1)
+    # A new session with the same config reads the stored result: no training.
+    assert refs(tmp_path).full_data(TINY, epochs=1) == first and len(trained) == 1
+    assert refs(tmp_path).full_data(replace(TINY, device="cpu"), epochs=1) == first and len(trained) == 1
+    # Any keyed change trains again: the full-data budget, a protocol setting, the seed, the repeats.
+    r = refs(tmp_path)
+    for changed in ((TINY, 2), (replace(TINY, lr=0.02), 1), (replace(TINY, seed=5), 1),
+                    (replace(TINY, repeats=1), 1), (without_augmentation(TINY), 1)):
+        before = len(trained)
+        r.full_data(changed[0], epochs=changed[1])
+        assert len(trained) == before + 1, changed
+    # Random references are keyed by IPC too.
+    r.random_real(TINY, 2)
+    r.random_real(TINY, 2)
+    r.random_real(TINY, 3)
+    assert len(trained) == 8
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 8 and all("spec" in json.loads(p.read_text()) for p in files)
+    # A stored file whose config does not match its name (edited, or damaged) is trained again, then replaced.
+    random2 = next(p for p in files if p.name.startswith("random") and json.loads(p.read_text())["spec"]["ipc"] == 2)
+    data = json.loads(random2.read_text())
+    data["spec"]["protocol"]["lr"] = 0.5
+    random2.write_text(json.dumps(data))
+    r.random_real(TINY, 2)
+    assert len(trained) == 9
+    random2.write_text("{not json")
+    r.random_real(TINY, 2)
+    assert len(trained) == 10 and json.loads(random2.read_text())["spec"]["ipc"] == 2
+
+
+def test_cache_folder_option_environment_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMDISTILL_CACHE", str(tmp_path / "env"))
+    assert references_cache() == tmp_path / "env" / "references"
+    assert references_cache(str(tmp_path / "opt")) == tmp_path / "opt"
+    monkeypatch.delenv("MEMDISTILL_CACHE")
+    assert references_cache().parts[-3:] == (".cache", "memdistill", "references")
+
+
+def test_score_set_pairs_the_references_by_repeat(tmp_path, monkeypatch):
+    # Stubbed reference accuracies: the scores are arithmetic on them.
+    r = refs(tmp_path)
+    stub = {"full": [98.0, 96.0], "random": [50.0, 54.0], "random-noaug": [40.0, 42.0]}
+
+    def fake(name):
+        return {"per_repeat": [{"best": b} for b in stub[name]], "best_mean": sum(stub[name]) / 2, "best_std": 0.0,
+                "epochs": 1}
+
+    monkeypatch.setattr(r, "full_data", lambda config, epochs: fake("full"))
+    monkeypatch.setattr(r, "random_real", lambda config, ipc: fake("random" if config.cutmix_beta else "random-noaug"))
+    result = {"per_repeat": [{"best": 60.0}, {"best": 70.0}]}
+    noaug = {"per_repeat": [{"best": 45.0}, {"best": 43.0}], "best_mean": 44.0, "best_std": 1.4, "epochs": 1}
+    s = score_set(result, r, TINY, 2, ScoreConfig(scores=True), noaug_result=noaug)
+    assert s["hlr"]["per_repeat"] == [38.0, 26.0] and s["ior"]["per_repeat"] == [10.0, 16.0]
+    assert s["full_data"]["per_repeat"] == [98.0, 96.0] and s["random_real"]["best_mean"] == 52.0
+    assert "ars" in s and s["ipc"] == 2
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("full_data_epochs", 0, "--full-data-epochs"), ("lrs_weight", 2.0, "--lrs-weight"),
+    ("ars_lambda", float("inf"), "--ars-lambda"), ("score_scaling", "log", "--score-scaling"),
+])
+def test_bad_score_settings_are_refused(field, value, option):
+    with pytest.raises(UserError, match=option):
+        replace(ScoreConfig(), **{field: value}).validate()
+
+
+def test_references_of_other_classes_are_refused(tmp_path):
+    from memdistill.data import TensorImageDataset, open_dataset
+
+    other = TensorImageDataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]), ["cat", "dog"])
+    with pytest.raises(UserError, match="same classes"):
+        references.References(open_dataset("digits", "train"), other, "pets", tmp_path)
+
+
+def test_unwritable_cache_is_refused_naming_the_option(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="--references-cache"):
+        ScoreConfig(scores=True, references_cache=str(tmp_path / "file")).validate()
+
+
+def test_evaluate_scores_option_stores_and_prints_them(tmp_path, small_set, capsys):
+    import json
+
+    from memdistill.cli import main
+
+    args = ["evaluate", "--train", str(small_set), "--net", "convnet1", "--epochs", "1", "--repeats", "2",
+            "--full-data-epochs", "1", "--out", str(tmp_path / "ev")]
+    assert main(args) == 0
+    assert "scores" not in json.loads((tmp_path / "ev" / "results.json").read_text())  # opt-in
+    assert main(args + ["--scores", "--ars", "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "HLR (points)" in printed and "LRS" in printed and "ARS" in printed
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    s = result["scores"]
+    # The set is the random selection with the protocol's seed: the random reference is the same set.
+    assert s["ior"]["per_repeat"] == [0.0, 0.0]
+    assert s["hlr"]["per_repeat"] == [f - b for f, b in zip(s["full_data"]["per_repeat"],
+                                                             [r["best"] for r in result["per_repeat"]])]
+    assert s["scaling"] == "fraction" and len(s["ars"]["per_repeat"]) == 2
+
+
+def test_evaluate_scores_of_a_folder_test_need_reference_data(tmp_path, small_set, capsys):
+    from memdistill.cli import main
+
+    assert main(["evaluate", "--train", str(small_set), "--test", str(small_set), "--scores",
+                 "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference-data is required" in err[0]
+    assert main(["evaluate", "--train", str(small_set), "--scores", "--lrs-weight", "2",
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "--lrs-weight" in capsys.readouterr().err
+
+
+def test_run_scores_every_set_in_its_report(tiny_model, tmp_path, capsys):
+    import json
+
+    from memdistill.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--init", str(tiny_model), "--data", "digits", "--steps", "2", "--batch-size", "8", "--ipc",
+                 "2", "--sample-steps", "2", "--eval-net", "convnet1", "--eval-epochs", "1", "--eval-repeats", "2",
+                 "--no-progress", "--scores", "--full-data-epochs", "1", "--out", str(out)]) == 0
+    assert "HLR (points)" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["adaptive", "random"]
+    for r in results:
+        assert set(r["scores"]) >= {"hlr", "ior", "lrs"} and "ars" not in r["scores"]
+    # The random baseline is drawn as the random reference is (the protocol's seed): IOR 0 for it.
+    assert results[1]["scores"]["ior"]["mean"] == 0.0
+    report = (out / "report.md").read_text()
+    assert "### DD-Ranking scores" in report and "| adaptive | 2 | convnet1 |" in report and "on fractions" in report
