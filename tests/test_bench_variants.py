@@ -66,3 +66,28 @@ def test_select_variants_share_one_pool_across_rules(tiny_model, tmp_path, monke
             assert (out / "cells" / f"dit+select-{rule}-2-ipc{k}-convnet1.json").is_file()
     assert json.loads((out / "bench.json").read_text())["methods"][1] == "dit+select:random:2"
     assert "Select variants sample a pool" in (out / "bench.md").read_text()
+
+
+def test_guidance_levers_parse_into_sample_overrides():
+    v = parse_method("dit+cfgint:200-800+select:confident:2")
+    assert v.sampled() == "dit+cfgint:200-800" and v.sample_overrides() == {"cfg_interval": "200,800"}
+    assert method_label(v.name) == "DiT + CFG in [200,800) + select confident (pool 2x)"
+    v = parse_method("minimax+modes:0.3:0.5:4+cfgsched:cosine")
+    assert v.sample_overrides() == {"mode_guidance": 0.3, "mode_stop": 0.5, "modes": 4, "cfg_schedule": "cosine"}
+    assert method_label(v.name) == "Minimax + modes 0.3 until 0.5 k=4 + CFG cosine"
+    assert parse_method("dit+cfg:2").sample_overrides() == {"cfg_scale": 2.0}
+    for bad in ("dit+cfgint:800-200", "dit+modes:x", "dit+cfg:-1", "dit+cfgsched:wavy"):
+        with pytest.raises(UserError, match="--method"):
+            BenchConfig(methods=bad).validate()
+
+
+def test_guidance_variants_sample_with_their_settings(tiny_model, tmp_path):
+    out = tmp_path / "bench"
+    bench_cli("--init", tiny_model, *TINY, "--method", "dit,dit+cfgint:0-1000,dit+cfg:1", "--ipc", "1",
+              "--no-metrics", "--out", out)
+    plain, window, unguided = (read_image_set(out / "sets" / f"{name}-ipc1")
+                               for name in ("dit", "dit+cfgint-0-1000", "dit+cfg-1"))
+    assert window[3]["config"]["cfg_interval"] and unguided[3]["config"]["cfg_scale"] == 1.0
+    # a window over every timestep is plain guidance, image for image
+    assert (window[0] == plain[0]).all()
+    assert not (unguided[0] == plain[0]).all()

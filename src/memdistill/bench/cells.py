@@ -98,12 +98,14 @@ class _Bench:
         return folder
 
     def draw(self, method: str, model: str | None, ipc: int, folder: Path) -> Path:
-        """Make the image set of ``method`` with ``ipc`` images per class in ``folder``."""
+        """Make the image set of ``method`` (a base method, with guidance levers if any) with ``ipc`` images per
+        class in ``folder``."""
         if method in REAL_METHODS:
             return self.timed(f"select {folder.name}", select_real, method, self.train_ds, ipc, self.cfg.sample.seed,
                               folder, overwrite=True)
-        sample = dataclasses.replace(self.cfg.sample, model=model, ipc=ipc)
-        if method == "dit" and not _is_export(model):
+        variant = parse_method(method)
+        sample = dataclasses.replace(self.cfg.sample, model=model, ipc=ipc, **variant.sample_overrides())
+        if variant.base == "dit" and not _is_export(model):
             # A bare pretrained checkpoint carries no class list or codec: take the fine-tuning data's.
             ft = self.cfg.finetune
             sample = dataclasses.replace(sample, subset=ft.subset, codec=ft.codec, vae=sample.vae or ft.vae)
@@ -115,8 +117,9 @@ class _Bench:
         if (folder / "manifest.json").is_file():
             return folder
         if "select" in variant.levers:
-            return self.selected_set(variant.base, model, variant.levers["select"], ipc, largest, sets, folder)
-        if ipc == largest:
+            return self.selected_set(variant.sampled(), model, variant.levers["select"], ipc, largest, sets, folder)
+        # mode guidance's default number of modes is the IPC, so its sets are not prefixes of one another
+        if ipc == largest or "modes" in variant.levers:
             return self.draw(method, model, ipc, folder)
         # Image i of class c is drawn from its own seed (seed, c, i) when sampling, and the real baselines
         # pick in a prefix-consistent order (baselines module): the first k images per class of the IPC-max
@@ -127,7 +130,8 @@ class _Bench:
 
     def selected_set(self, base: str, model: str | None, select: dict, ipc: int, largest: int, sets: Path,
                      folder: Path) -> Path:
-        """IPC candidates per class kept by select["rule"] from the pool of factor select["pool"] of ``base``.
+        """IPC candidates per class kept by select["rule"] from the pool of factor select["pool"] of ``base`` (a
+        base method, with its guidance levers if any).
 
         One pool per (method, model, F) serves every rule and IPC: it is sampled once with ceil(F x largest IPC)
         candidates per class, and candidate j is image j of the plain sampler, so its first ceil(F x k)
@@ -135,7 +139,7 @@ class _Bench:
         from ..selection import pool_size, select_from_pool
 
         factor, s, ft = select["pool"], self.cfg.sample, self.cfg.finetune
-        pool = sets / f"pool-{base}-x{factor:g}-n{pool_size(factor, largest)}"
+        pool = sets / f"pool-{base.replace(':', '-')}-x{factor:g}-n{pool_size(factor, largest)}"
         if not (pool / "manifest.json").is_file():
             self.draw(base, model, pool_size(factor, largest), pool)
         return self.timed(f"select {folder.name}", select_from_pool, pool, select["rule"], ipc, folder,

@@ -59,9 +59,27 @@ class Lever:
     syntax: str
 
 
+def _guidance_lever(name: str, syntax: str, label: Callable[[dict], str]) -> Lever:
+    """A sampling-guidance lever: its settings are SampleConfig overrides (guidance.variant_overrides)."""
+    from ..guidance import variant_overrides
+
+    def parse(args: list[str]) -> dict:
+        # --method is a comma-separated list, so the bench spells an interval A-B where sample takes A,B
+        return variant_overrides(":".join([name, *(a.replace("-", ",") if name == "cfgint" else a for a in args)]))
+
+    return Lever(parse, label, syntax)
+
+
 LEVERS: dict[str, Lever] = {
     "select": Lever(_select_args, lambda a: f"select {a['rule']} (pool {a['pool']:g}x)", "select:RULE[:F]"),
+    "modes": _guidance_lever("modes", "modes:S[:F[:K]]", lambda a: "modes {:g}".format(a["mode_guidance"]) + (
+        " until {:g}".format(a["mode_stop"]) if "mode_stop" in a else "") + (f" k={a['modes']}" if "modes" in a else "")),
+    "cfgint": _guidance_lever("cfgint", "cfgint:A-B", lambda a: "CFG in [{})".format(a["cfg_interval"])),
+    "cfgsched": _guidance_lever("cfgsched", "cfgsched:linear|cosine", lambda a: f"CFG {a['cfg_schedule']}"),
+    "cfg": _guidance_lever("cfg", "cfg:W", lambda a: "CFG {:g}".format(a["cfg_scale"])),
 }
+# Levers that change how each image is sampled (the others, select, choose among sampled images).
+GUIDANCE_LEVERS = ("modes", "cfgint", "cfgsched", "cfg")
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,15 @@ class MethodVariant:
     def slug(self) -> str:
         """The name as a file name (':' is awkward in paths on some systems)."""
         return self.name.replace(":", "-")
+
+    def sampled(self) -> str:
+        """The name of what is sampled: the base method with its guidance levers, without +select."""
+        return "+".join([self.base] + [part for part in self.name.split("+")[1:]
+                                       if part.split(":")[0] in GUIDANCE_LEVERS])
+
+    def sample_overrides(self) -> dict:
+        """SampleConfig field overrides of the guidance levers, e.g. {"cfg_interval": "200,800"}."""
+        return {k: v for name, settings in self.levers.items() if name in GUIDANCE_LEVERS for k, v in settings.items()}
 
 
 def parse_method(text: str) -> MethodVariant:

@@ -48,7 +48,7 @@ def scores_table(cells: Sequence[dict], methods: Sequence[str], ipcs: Sequence[i
     lookup = {(c["method"], c["ipc"], c["net"]): c for c in cells if c.get("scores")}
     columns = [(i, name) for i, (key, name, _) in enumerate(SCORE_COLUMNS)
                if any(key in c["scores"] for c in lookup.values())]
-    rows = [[k, net, LABELS.get(m, m)] + [score_cells(lookup[m, k, net]["scores"])[i] for i, _ in columns]
+    rows = [[k, net, method_label(m)] + [score_cells(lookup[m, k, net]["scores"])[i] for i, _ in columns]
             for k in ipcs for net in nets for m in methods if (m, k, net) in lookup]
     return markdown_table(["IPC", "net", "method"] + [name for _, name in columns], rows)
 
