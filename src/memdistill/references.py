@@ -133,6 +133,10 @@ class References:
 
     def _spec(self, kind: str, config: EvalConfig, **extra) -> dict:
         protocol = {k: v for k, v in asdict(config).items() if k not in _NOT_KEYED}
+        if config.labels == "soft":  # a teacher file replaced in place must not reuse the old teacher's references
+            from .softlabels import sha256_of
+
+            protocol["teacher_sha256"] = sha256_of(config.teacher)
         return {"kind": kind, "train": self.train_ds.identity, "test": self.test_ds.identity, "protocol": protocol,
                 **extra}
 
@@ -210,6 +214,9 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
     given) of a set whose evaluate_repeats ``result`` was measured under ``config`` at ``ipc`` images per
     class; see memdistill.scores.score_repeats. Adds "full_data" and "random_real" (best top-1 per repeat, mean,
     std, epochs) and the reference settings."""
+    if config.labels == "soft" and (result.get("teacher") or {}).get("path"):
+        # the references are labelled by the very teacher the set was (--teacher full: the file it was trained into)
+        config = replace(config, teacher=result["teacher"]["path"])
     full = references.full_data(config, cfg.full_data_epochs)
     random = references.random_real(config, ipc)
     noaug = {}

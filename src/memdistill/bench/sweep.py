@@ -81,7 +81,7 @@ def _run_sweep(bench: _Bench) -> Path:
 def _sweep_set(bench: _Bench, model: str, k: int, folder: Path) -> Path:
     if (folder / "manifest.json").is_file():
         return folder
-    return bench.draw("sweep", model, k, folder)
+    return bench.draw("adaptive", model, k, folder)  # a sweep point is an adaptive model
 
 
 # ----- command line ------------------------------------------------------------------------------------------
