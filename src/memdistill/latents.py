@@ -59,7 +59,8 @@ class LatentPosterior:
         noise, scaled as encoding does."""
         n = idx.shape[0]
         view = (torch.rand(n, generator=generator) < 0.5).long() if self.flips else torch.zeros(n, dtype=torch.long)
-        view = view.to(self.mean.device)
+        # Both index tensors on the statistics' device: advanced indexing must not mix devices.
+        idx, view = idx.to(self.mean.device), view.to(self.mean.device)
         mean = self.mean[idx, view]  # (B, C, h, w)
         if self.logvar is None:
             return mean
