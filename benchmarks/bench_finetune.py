@@ -51,7 +51,7 @@ def starting_model(data) -> tuple[torch.nn.Module, str]:
     if "mnist5k" in SHIPPED and (path / "model.safetensors").is_file():
         return load_dit(path), f"shipped mnist5k DiT ({path})"
     torch.manual_seed(0)
-    c, h, _ = data.latents.shape[1:]
+    c, h, _ = data.latent_shape
     model = build_dit("DiT-Tiny/4", input_size=h, in_channels=c, num_classes=len(data.class_names))
     return model, f"fresh DiT-Tiny/4 on {c}x{h}x{h}, {len(data.class_names)} classes (no shipped model installed)"
 

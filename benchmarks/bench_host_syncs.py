@@ -35,6 +35,7 @@ import torch
 
 import memdistill
 import memdistill.train as train
+from memdistill.latents import LatentPosterior
 from memdistill.models.dit import build_dit
 from memdistill.train import TrainConfig, TrainData, run_training
 
@@ -106,7 +107,7 @@ class SyncCounter:
 def synthetic_data(classes: int = 10, per_class: int = 12, shape=(4, 8, 8)) -> TrainData:
     g = torch.Generator().manual_seed(0)
     n = classes * per_class
-    return TrainData(torch.randn(n, *shape, generator=g), torch.arange(n) % classes,
+    return TrainData(LatentPosterior(torch.randn(n, 1, *shape, generator=g)), torch.arange(n) % classes,
                      [f"c{k}" for k in range(classes)], list(range(classes)), "synthetic", {"name": "pixel"}, shape)
 
 

@@ -26,7 +26,7 @@ from memdistill.memory import ClassMemories
 from memdistill.models.dit import set_trainable
 from memdistill.models.io import load_dit
 from memdistill.pretrained import resolve_model
-from memdistill.train import TrainConfig, load_train_data, step_draws
+from memdistill.train import TrainConfig, load_train_data, step_draws, step_latents
 
 BINS = (0, 100, 250, 500, 750, 1000)
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     ratios: dict[str, list[float]] = {"gen": [], "real": []}
     for step in range(args.steps):
         # The draws of the training loop of `memdistill finetune` at this step.
-        idx, t, noise, drop = step_draws(cfg, step, n, tuple(data.latents.shape[1:]), diffusion)
-        x0, labels = data.latents[idx], data.targets[idx]
+        idx, t, noise, drop = step_draws(cfg, step, n, data.latent_shape, diffusion)
+        x0, labels = step_latents(data.posterior, cfg.seed, step, idx), data.targets[idx]
 
         def model_fn(x, tt, yy, _drop=drop):
             return model(x, tt, yy, force_drop_ids=_drop)

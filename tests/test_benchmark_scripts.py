@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_methods  # noqa: E402
 import memory_diagnostics  # noqa: E402
+import memory_geometry  # noqa: E402
 
 
 def test_report_shares_and_ratios(capsys):
@@ -22,6 +23,54 @@ def test_report_shares_and_ratios(capsys):
         assert abs(sum(float(x) for x in column) - 100) < 0.5
     ratios = re.findall(r"L_(gen|real)\s+lambda [\d.]+: ([\d.]+) ", out)
     assert [name for name, _ in ratios] == ["gen", "real"] and all(float(r) > 0 for _, r in ratios)
+
+
+def test_memory_geometry_known_answers():
+    """Class 0 along one axis, class 1 along another, both away from the origin: raw cosines 1 within a class and
+    0 between; centred (the mean subtracted), the two classes point opposite ways: 1 and -1."""
+    import torch
+
+    entries = torch.zeros(6, 1, 2, 2)
+    entries[:3, 0, 0, 0] = torch.tensor([1.0, 2.0, 3.0])
+    entries[3:, 0, 1, 1] = torch.tensor([1.0, 2.0, 3.0])
+    entries[:3, 0, 0, 1] = entries[:3, 0, 0, 0]  # same direction per class, ...
+    entries[3:, 0, 1, 0] = -entries[3:, 0, 1, 1]  # ... orthogonal classes
+    targets = torch.tensor([0, 0, 0, 1, 1, 1])
+    g = torch.Generator().manual_seed(0)
+    i, j = memory_geometry.sample_pairs(targets, 50, True, g)
+    assert (targets[i] == targets[j]).all() and (i != j).all()
+    i, j = memory_geometry.sample_pairs(targets, 50, False, g)
+    assert (targets[i] != targets[j]).all()
+    result = memory_geometry.geometry(entries, targets, 50, seed=1)
+    assert result["raw within"] == pytest.approx((1.0, 1.0, 1.0))
+    assert result["raw between"] == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+    assert result["centred between"][0] < 0  # the classes sit on opposite sides of the mean
+
+
+@pytest.mark.parametrize("codec", ["pixel", "vae"])
+def test_memory_geometry_prints_every_row(codec, latent_pair, capsys):
+    vae, _ = latent_pair
+    extra = ["--vae", str(vae)] if codec == "vae" else []
+    memory_geometry.main(["--data", "digits", "--codec", codec, *extra, "--pairs", "300", "--seed", "2"])
+    out = capsys.readouterr().out
+    shape = "4x4x4" if codec == "vae" else "1x8x8"
+    assert f"digits train, 1433 entries of {shape}, codec {codec}, flip off; 300 pairs per kind, seed 2" in out
+    rows = re.findall(r"^(raw|centred)\s+(within|between)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)$", out, flags=re.M)
+    assert [(a, b) for a, b, *_ in rows] == [("raw", "within"), ("raw", "between"), ("centred", "within"),
+                                             ("centred", "between")]
+    for *_, mean, p5, p95 in rows:
+        assert -1 <= float(p5) <= float(mean) <= float(p95) <= 1
+    means = {(a, b): float(m) for a, b, m, _, _ in rows}
+    if codec == "pixel":  # digits in pixels: one class's images are more alike than two classes'
+        assert means[("centred", "within")] > means[("centred", "between")]
+
+
+def test_memory_geometry_bad_input_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        memory_geometry.main(["--data", "digits", "--codec", "vae"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "AutoencoderKL folder" in err, err
 
 
 def _cell(method, per_repeat):

@@ -109,28 +109,57 @@ def _dataset(identity="toy:train"):
     return TensorImageDataset(images, torch.tensor([0, 1, 0, 1, 0, 1]), ["a", "b"], identity=identity)
 
 
+def _count_posterior_calls(codec, monkeypatch) -> list[int]:
+    calls = []
+    real = codec.posterior
+    monkeypatch.setattr(codec, "posterior", lambda x: calls.append(len(x)) or real(x))
+    return calls
+
+
 def test_encode_dataset_cache_hit(vae_dir, tmp_path, monkeypatch, caplog):
     codec = VAECodec(vae_dir)
-    calls = []
-    real_encode = codec.encode
-    monkeypatch.setattr(codec, "encode", lambda x, generator=None: calls.append(len(x)) or real_encode(x, generator))
+    calls = _count_posterior_calls(codec, monkeypatch)
     ds = _dataset()
     cache = tmp_path / "cache"
 
-    z1, y1 = encode_dataset(codec, ds, cache, batch_size=4, seed=0)
-    assert calls == [4, 2] and z1.shape == (6, 4, 8, 8) and y1.tolist() == [0, 1, 0, 1, 0, 1]
+    p1, y1 = encode_dataset(codec, ds, cache, batch_size=4)
+    assert calls == [4, 2] and p1.mean.shape == p1.logvar.shape == (6, 1, 4, 8, 8) and y1.tolist() == [0, 1, 0, 1, 0, 1]
+    assert (p1.scale, p1.shift) == (0.5, 0.0) and not p1.flips
     files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].name == f"latents-{cache_key(codec, ds)}.safetensors"
+    assert len(files) == 1 and files[0].name == f"posterior-{cache_key(codec, ds)}.safetensors"
 
     with caplog.at_level(logging.INFO, logger="memdistill.codec"):
-        z2, y2 = encode_dataset(codec, ds, cache, batch_size=4, seed=0)
+        p2, y2 = encode_dataset(codec, ds, cache, batch_size=4)
     assert calls == [4, 2]  # no new encode
     assert "cache hit" in caplog.text
-    assert torch.equal(z1, z2) and torch.equal(y1, y2)
+    assert torch.equal(p1.mean, p2.mean) and torch.equal(p1.logvar, p2.logvar) and torch.equal(y1, y2)
 
-    # without a cache the same seed gives the same latents
-    z3, _ = encode_dataset(codec, ds, None, batch_size=4, seed=0)
-    assert torch.equal(z3, z1)
+    # without a cache: the same statistics
+    p3, _ = encode_dataset(codec, ds, None, batch_size=4)
+    assert torch.equal(p3.mean, p1.mean) and torch.equal(p3.logvar, p1.logvar)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_posterior_draws_equal_encoding_on_the_fly(vae_dir, tmp_path, flip):
+    """A draw from the cached statistics is the latent that encoding the (flipped) images on the fly gives with the
+    same generator: the flips come first from it, then the posterior noise."""
+    codec = VAECodec(vae_dir)
+    ds = _dataset()
+    encode_dataset(codec, ds, tmp_path / "cache", flip=flip)
+    posterior, _ = encode_dataset(codec, ds, tmp_path / "cache", flip=flip)  # read back from the cache
+    assert posterior.flips == flip
+    idx = torch.tensor([4, 0, 3, 3, 1])
+    z = posterior.draw(idx, torch.Generator().manual_seed(11))
+
+    g = torch.Generator().manual_seed(11)
+    x = ds.images[idx]
+    if flip:
+        mirrored = torch.rand(len(idx), generator=g) < 0.5
+        assert 0 < mirrored.sum() < len(idx)  # this seed mirrors some and keeps some
+        x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
+    expect = codec.encode(x, generator=g)
+    assert z.shape == expect.shape == (5, 4, 8, 8)
+    assert torch.allclose(z, expect, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_key_depends_on_codec_and_dataset(vae_dir, tmp_path):
@@ -147,28 +176,80 @@ def test_cache_key_depends_on_codec_and_dataset(vae_dir, tmp_path):
     assert make_codec(**a.config()).config() == a.config()
 
 
-def test_pixel_codec_needs_no_cache(tmp_path):
+@pytest.mark.parametrize("flip", [False, True])
+def test_pixel_codec_needs_no_cache(tmp_path, flip):
     ds = _dataset()
-    z, y = encode_dataset(PixelCodec(), ds, tmp_path / "cache", seed=0)
-    assert torch.equal(z, ds.images) and torch.equal(y, ds.targets)
+    posterior, y = encode_dataset(PixelCodec(), ds, tmp_path / "cache", flip=flip)
+    assert posterior.logvar is None and posterior.flips == flip and torch.equal(y, ds.targets)
+    assert torch.equal(posterior.mean[:, 0], ds.images)
+    if flip:
+        assert torch.equal(posterior.mean[:, 1], ds.images.flip(-1))
     assert not (tmp_path / "cache").exists()
 
 
-def test_cache_key_covers_the_seed_and_replaced_files(vae_dir, tmp_path):
-    """A cache made with --seed 0 is not served to --seed 1 (the posterior draws differ), and a file replaced by
-    another of the same size is noticed (its modification time changes)."""
-    import os
+def test_a_cache_of_another_flip_setting_or_vae_is_never_returned(tmp_path, monkeypatch):
+    """The key covers flipping, the channels and the VAE's weights (retrained in place, same folder and config),
+    not the seed (the statistics do not depend on it)."""
+    folder = tmp_path / "vae"
+    _tiny_vae(folder)
+    codec = VAECodec(folder)
+    calls = _count_posterior_calls(codec, monkeypatch)
+    ds = _dataset()
+    cache = tmp_path / "cache"
+    plain, _ = encode_dataset(codec, ds, cache)
+    mirrored, _ = encode_dataset(codec, ds, cache, flip=True)
+    assert calls == [6, 12] and len(list(cache.iterdir())) == 2  # the flip-off cache was not served to flip on
+    assert mirrored.flips and torch.equal(mirrored.mean[:, 0], plain.mean[:, 0])
+    assert torch.allclose(mirrored.mean[:, 1], codec.posterior(ds.images.flip(-1))[0], atol=1e-6)
+    calls.clear()
+    encode_dataset(codec, ds, cache)
+    assert calls == []  # a hit
 
-    from PIL import Image
+    key = cache_key(codec, ds)
+    grey = TensorImageDataset(ds.images[:, :1], ds.targets, ds.class_names, identity=ds.identity)
+    assert cache_key(codec, grey) != key
 
-    from memdistill.data import FolderImageDataset
+    vae = _tiny_vae(tmp_path / "other")  # other weights, the same config.json
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    vae.save_pretrained(folder)
+    weights = next(folder.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a coarse clock moves on
+    retrained = VAECodec(folder)
+    assert cache_key(retrained, ds) != key
+    again, _ = encode_dataset(retrained, ds, cache)
+    assert not torch.allclose(again.mean, plain.mean)
+
+
+def test_old_format_cache_files_are_re_encoded_not_misread(vae_dir, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
 
     codec = VAECodec(vae_dir)
     ds = _dataset()
-    assert cache_key(codec, ds, seed=0) != cache_key(codec, ds, seed=1)
-    z0, _ = encode_dataset(codec, ds, tmp_path / "cache", seed=0)
-    z1, _ = encode_dataset(codec, ds, tmp_path / "cache", seed=1)
-    assert not torch.equal(z0, z1) and len(list((tmp_path / "cache").iterdir())) == 2
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # A file of the first format (one draw per image) under the old name, and one under the new name.
+    one_draw = {"latents": torch.zeros(6, 4, 8, 8), "targets": ds.targets}
+    save_file(one_draw, cache / "latents-0123456789abcdef01234567.safetensors")
+    path = cache / f"posterior-{cache_key(codec, ds)}.safetensors"
+    save_file({"mean": torch.zeros(6, 1, 4, 8, 8), "logvar": torch.zeros(6, 1, 4, 8, 8), "targets": ds.targets}, path,
+              metadata={"format": "1"})
+    calls = _count_posterior_calls(codec, monkeypatch)
+    posterior, _ = encode_dataset(codec, ds, cache)
+    assert calls == [6]
+    assert torch.allclose(posterior.mean[:, 0], codec.posterior(ds.images)[0], atol=1e-6)
+    calls.clear()
+    encode_dataset(codec, ds, cache)  # rewritten in this format: now a hit
+    assert calls == []
+
+
+def test_cache_key_covers_replaced_files(tmp_path):
+    """A file replaced by another of the same size is noticed (its modification time changes)."""
+    from PIL import Image
+
+    from memdistill.data import FolderImageDataset
 
     for c in ("a", "b"):
         (tmp_path / "tree" / c).mkdir(parents=True)

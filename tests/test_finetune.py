@@ -55,7 +55,8 @@ def last_state(out: Path) -> dict:
 def digits():
     """The training latents (pixel codec: the images) and labels the runs draw their batches from."""
     data = load_train_data(TrainConfig(data="digits", device="cpu"))
-    return data.latents, data.targets
+    assert not data.posterior.flips and data.posterior.logvar is None  # digits: no flips; pixels: no posterior
+    return data.posterior.mean[:, 0], data.targets
 
 
 def class_streams(digits, steps: int, seed: int = 0) -> list[dict[int, torch.Tensor]]:

@@ -19,10 +19,10 @@ STEPS = 8
 LR = 1e-3  # the fine-tuning default
 
 
-def finetune_args(init, out):
+def finetune_args(init, out, *extra):
     return ["finetune", "--data", "digits", "--init", str(init), "--out", str(out), "--batch-size", "8",
             "--steps", str(STEPS), "--memory", "adaptive", "--mem-real", "4", "--mem-gen", "3", "--log-every", "1",
-            "--checkpoint-every", "3", "--device", "cpu", "--no-progress"]
+            "--checkpoint-every", "3", "--device", "cpu", "--no-progress", *map(str, extra)]
 
 
 def files(out: Path) -> set[str]:
@@ -30,14 +30,21 @@ def files(out: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tiny_model, tmp_path):
+@pytest.mark.parametrize("path", ["pixel", "latent"])
+def test_two_gloo_processes_match_one_process(tiny_model, latent_pair, tmp_path, path):
+    """Pixels, and the latent path with flipping, where every rank draws the global batch's flips and posterior
+    samples from the step's generator (rank 0 encodes, rank 1 receives the statistics)."""
     assert finetune_defaults().lr == LR
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(finetune_args(tiny_model, one)) == 0
+    init, extra = tiny_model, []
+    if path == "latent":
+        vae, init = latent_pair
+        extra = ["--codec", "vae", "--vae", vae, "--flip", "on"]
+    assert main(finetune_args(init, one, *extra)) == 0
 
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "memdistill", *finetune_args(tiny_model, two)],
+                           "-m", "memdistill", *finetune_args(init, two, *extra)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

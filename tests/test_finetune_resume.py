@@ -71,6 +71,20 @@ def test_resume_from_a_clean_stop_equals_a_straight_run(tiny_model, tmp_path, me
     assert_same_run(ref, split, 20)
 
 
+def test_resume_on_the_latent_path_equals_a_straight_run(latent_pair, tmp_path):
+    """With a VAE, flipping and a latent cache: each step draws its flips and posterior samples anew, and a resumed
+    run draws the same ones (the resume reads the cache the first half wrote)."""
+    vae, init = latent_pair
+    ref, split, cache = tmp_path / "straight", tmp_path / "split", tmp_path / "cache"
+    latent = ["--codec", "vae", "--vae", vae, "--flip", "on", "--latent-cache", cache, "--memory", "adaptive",
+              "--checkpoint-every", 5]
+    assert main(finetune_args(init, ref, 12, *latent)) == 0
+    assert main(finetune_args(init, split, 6, *latent)) == 0
+    assert main(finetune_args(init, split, 12, *latent, "--resume")) == 0
+    assert_same_run(ref, split, 12)
+    assert state(ref)["config"]["flip"] == "on"
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9_equals_an_uninterrupted_run(tiny_model, tmp_path):
     steps, args = 150, ["--memory", "adaptive", "--checkpoint-every", "4"]

@@ -15,27 +15,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 VAE_LOADED = "loaded the AutoencoderKL"
 
 
-@pytest.fixture(scope="module")
-def latent_pair(tmp_path_factory):
-    """A tiny 1-channel VAE (8x8 digits -> 4x4x4 latents) and a matching micro DiT export."""
-    from diffusers import AutoencoderKL
-
-    from memdistill.models.dit import build_dit
-    from memdistill.models.io import save_export
-
-    root = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=8, scaling_factor=0.5)
-    vae.save_pretrained(root / "vae")
-    model = build_dit("DiT-Micro/2", input_size=4, in_channels=4, num_classes=10)
-    save_export(root / "dit", model, {"class_names": [str(i) for i in range(10)], "cond_labels": list(range(10)),
-                                      "codec": {"name": "vae", "path": str(root / "vae")}, "image_shape": [1, 8, 8],
-                                      "latent_shape": [4, 4, 4], "stage": "pretrain"})
-    return root / "vae", root / "dit"
-
-
 def finetune_args(vae, init, out, *extra):
     return ["-v", "finetune", "--data", "digits", "--codec", "vae", "--vae", str(vae), "--init", str(init),
             "--out", str(out), "--batch-size", "8", "--steps", "3", "--memory", "adaptive", "--device", "cpu",
@@ -65,7 +44,7 @@ def test_latent_cache_hit_does_not_load_the_vae(latent_pair, tmp_path, caplog):
     caplog.set_level("INFO")
     assert main(finetune_args(vae, init, tmp_path / "a", "--latent-cache", str(cache))) == 0
     assert sum(VAE_LOADED in r.getMessage() for r in caplog.records) == 1
-    assert list(cache.glob("latents-*.safetensors"))
+    assert list(cache.glob("posterior-*.safetensors"))
     caplog.clear()
     assert main(finetune_args(vae, init, tmp_path / "b", "--latent-cache", str(cache))) == 0
     assert not any(VAE_LOADED in r.getMessage() for r in caplog.records)

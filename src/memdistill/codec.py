@@ -1,7 +1,8 @@
 """Codecs map pixels in [-1, 1] to the space the DiT works in, and back.
 
 `pixel` is the identity (small embedded datasets); `vae` is a diffusers AutoencoderKL from a local
-folder. `encode_dataset` encodes a dataset once and caches the latents on disk.
+folder. `encode_dataset` encodes a dataset once into the posterior statistics that training draws its latents
+from (latents.LatentPosterior) and caches them on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memdistill.errors import UserError
+from memdistill.latents import LatentPosterior
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class Codec:
     def config(self) -> dict:
         """JSON-serialisable; `make_codec(**config)` rebuilds the codec."""
         raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What the codec's output depends on, for cache keys: its config, and for a VAE its weights."""
+        return self.config()
 
 
 class PixelCodec(Codec):
@@ -177,6 +183,17 @@ class VAECodec(Codec):
         return torch.cat(out)
 
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar), each (N, latent_channels, H/f, W/f) on x's device, of the posterior of pixels x
+        (N, C, H, W) in [-1, 1], unscaled, the log-variance clamped as diffusers clamps it before sampling."""
+        means, logvars = [], []
+        for xb in x.split(self.batch_size):
+            posterior = self.vae.encode(xb.to(self.device, torch.float32)).latent_dist
+            means.append(posterior.mean.to(x.device))
+            logvars.append(posterior.logvar.to(x.device))
+        return torch.cat(means), torch.cat(logvars)
+
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         out = []
         for zb in z.split(self.batch_size):
@@ -195,6 +212,18 @@ class VAECodec(Codec):
 
     def config(self) -> dict:
         return {"name": self.name, "path": str(self.path)}
+
+    def identity(self) -> dict:
+        """The config, the folder's config.json text and each weights file's name, size and modification time:
+        weights retrained or replaced in place give another identity without reading hundreds of MB."""
+        folder = self.folder / (self.subfolder or "")
+        files = []
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".ckpt"):
+                st = path.stat()
+                files.append([path.name, st.st_size, st.st_mtime_ns])
+        config = (folder / "config.json").read_text(encoding="utf-8")
+        return {**self.config(), "config_sha256": hashlib.sha256(config.encode()).hexdigest(), "weights": files}
 
 
 def _read_padding(path: Path) -> tuple[int | None, int | None]:
@@ -238,37 +267,60 @@ def loader_workers(dataset, limit: int = 8) -> int:
     return max(0, min(limit, cores - 1))
 
 
-def cache_key(codec: Codec, dataset, seed: int = 0) -> str:
-    """Hex key over everything that changes the latents: the data (its identity covers the files, their sizes
-    and modification times), the classes, the resolution, the codec and the seed of the posterior draws."""
+# Bumped whenever what a cache file holds changes: files of another format get another name and are re-encoded.
+# 2: the posterior mean and log-variance of each image and, with flipping, of its mirror (1 held one draw).
+CACHE_FORMAT = 2
+CACHE_DTYPE = torch.float32
+
+
+def cache_key(codec: Codec, dataset, flip: bool = False) -> str:
+    """Hex key over everything that changes the cached tensors: the format and dtype, the data (its identity covers
+    the files, their sizes and modification times), the classes, the resolution and channels, the codec (config
+    and weights) and whether the mirror images are held. Not the seed: the statistics do not depend on it."""
     payload = {
+        "format": CACHE_FORMAT,
+        "dtype": str(CACHE_DTYPE),
         "identity": dataset.identity,
         "class_names": list(dataset.class_names),
         "resolution": dataset.resolution,
-        "codec": codec.config(),
-        "seed": seed,
+        "channels": dataset.channels,
+        "codec": codec.identity(),
+        "flip": bool(flip),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_path(codec: Codec, dataset, cache_dir: str | Path, seed: int = 0) -> Path:
-    """Where the latents of ``dataset`` under ``codec`` drawn with ``seed`` are cached in ``cache_dir``."""
-    return Path(cache_dir) / f"latents-{cache_key(codec, dataset, seed)}.safetensors"
+def cache_path(codec: Codec, dataset, cache_dir: str | Path, flip: bool = False) -> Path:
+    """Where the posterior statistics of ``dataset`` under ``codec`` (with mirror images when ``flip``) are cached
+    in ``cache_dir``. Files of the first format (latents-*.safetensors, one draw each) are never read."""
+    return Path(cache_dir) / f"posterior-{cache_key(codec, dataset, flip)}.safetensors"
 
 
-def read_latent_cache(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(latents, targets) from the cache file ``path`` when it exists and holds ``count`` images, else None:
-    a damaged or mismatched cache is rebuilt, never trusted. Reads no image and loads no VAE."""
+def read_latent_cache(path: Path, count: int, views: int, latent_shape: tuple[int, ...]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(mean, logvar, targets) from the cache file ``path`` when it exists, is of this CACHE_FORMAT and holds
+    ``count`` images of ``views`` views each with latents of ``latent_shape``: mean and logvar (count, views,
+    *latent_shape) float32, targets (count,) int64; else None: a damaged or mismatched cache is rebuilt, never
+    trusted. Reads no image and loads no VAE."""
     if not path.is_file():
         return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    expect = (count, views, *latent_shape)
     try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
         cached = load_file(path)
-        if cached["latents"].shape[0] == count == cached["targets"].shape[0]:
+        if meta.get("format") != str(CACHE_FORMAT) or not {"mean", "logvar", "targets"} <= cached.keys():
+            log.warning("latent cache %s is of another format; re-encoding", path)
+        elif (tuple(cached["mean"].shape) == expect == tuple(cached["logvar"].shape)
+              and cached["mean"].dtype == CACHE_DTYPE == cached["logvar"].dtype
+              and tuple(cached["targets"].shape) == (count,)):
             log.info("latent cache hit: %s", path)
-            return cached["latents"], cached["targets"].long()
-        log.warning("latent cache %s does not match the dataset size; re-encoding", path)
+            return cached["mean"], cached["logvar"], cached["targets"].long()
+        else:
+            log.warning("latent cache %s does not match the dataset; re-encoding", path)
     except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
         log.warning("latent cache %s is unreadable (%s); re-encoding", path, e)
     return None
@@ -288,46 +340,59 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         os.replace(tmp, path)
 
 
+def _views(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(N, V, ...) of images (N, C, H, W): the images, and with ``flip`` their mirror images (V = 2)."""
+    return torch.stack([x, x.flip(-1)], dim=1) if flip else x.unsqueeze(1)
+
+
 def encode_dataset(
     codec: Codec,
     dataset,
     cache_dir: Path | None,
     batch_size: int = 64,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (N, *latent_shape) and targets (N,) of a whole dataset, cached under cache_dir.
+    flip: bool = False,
+) -> tuple[LatentPosterior, torch.Tensor]:
+    """The posterior statistics of a whole dataset and its targets (N,), cached under ``cache_dir`` (VAE only).
 
-    The posterior samples come from one generator seeded with `seed`, so a dataset always gets
-    the same latents whether or not the cache exists.
+    With ``flip`` the statistics of each image's mirror image are held too (LatentPosterior.mean is (N, 2, ...)).
+    Encoding is deterministic: training draws the flips and the posterior samples per step. The pixel codec has no
+    posterior: its mean is the image itself (no copy without flipping) and it needs no cache.
     """
     from memdistill.data import load_tensors
 
     if isinstance(codec, PixelCodec):
-        return load_tensors(dataset, batch_size=max(batch_size, 256))
+        images, targets = load_tensors(dataset, batch_size=max(batch_size, 256))
+        return LatentPosterior(_views(images, flip)), targets
 
-    path = cache_path(codec, dataset, cache_dir, seed) if cache_dir is not None else None
+    scale = {"scale": codec.scaling_factor, "shift": codec.shift_factor}
+    views = 2 if flip else 1
+    latent_shape = codec.latent_shape((dataset.channels, dataset.resolution, dataset.resolution))
+    path = cache_path(codec, dataset, cache_dir, flip) if cache_dir is not None else None
     if path is not None:
-        cached = read_latent_cache(path, len(dataset))
+        cached = read_latent_cache(path, len(dataset), views, latent_shape)
         if cached is not None:
-            return cached
+            mean, logvar, targets = cached
+            return LatentPosterior(mean, logvar, **scale), targets
     if hasattr(dataset, "verify"):
         dataset.verify()  # a folder opened from headers only (for a cache hit) is decoded now
 
-    generator = torch.Generator().manual_seed(seed)
     # Decoding thousands of JPEGs is the slow part of a one-time encode on a GPU: worker processes decode
     # while the VAE runs; pinned memory speeds the copies to the GPU.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=loader_workers(dataset),
                                          pin_memory=getattr(codec, "device", torch.device("cpu")).type == "cuda")
-    zs, ys = [], []
+    means, logvars, ys = [], [], []
     for x, y in tqdm(loader, desc=f"encoding ({codec.name})", unit="batch", disable=None):
-        zs.append(codec.encode(x, generator=generator).cpu())
+        m, lv = codec.posterior(_views(x, flip).flatten(0, 1))  # (b * V, *latent_shape) each
+        means.append(m.cpu().to(CACHE_DTYPE).unflatten(0, (-1, views)))
+        logvars.append(lv.cpu().to(CACHE_DTYPE).unflatten(0, (-1, views)))
         ys.append(y.long())
-    latents, targets = torch.cat(zs), torch.cat(ys)  # (N, *latent_shape), (N,)
+    mean, logvar, targets = torch.cat(means), torch.cat(logvars), torch.cat(ys)  # (N, V, *latent_shape) x2, (N,)
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"identity": dataset.identity, "codec": json.dumps(codec.config(), sort_keys=True)}
-        _save_atomic({"latents": latents, "targets": targets}, path, meta)
+        meta = {"format": str(CACHE_FORMAT), "identity": dataset.identity, "flip": str(bool(flip)),
+                "codec": json.dumps(codec.config(), sort_keys=True)}
+        _save_atomic({"mean": mean, "logvar": logvar, "targets": targets}, path, meta)
         log.info("latent cache written: %s", path)
-    return latents, targets
+    return LatentPosterior(mean, logvar, **scale), targets

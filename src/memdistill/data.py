@@ -172,6 +172,13 @@ def parse_channels(value: str | int | None) -> int | None:
     return None if text == "auto" else int(text)
 
 
+def default_flip(spec: str, channels: int) -> bool:
+    """Whether training flips the images of ``spec`` under ``--flip auto``: on for colour (3-channel) folder data,
+    as the reference code does for ImageNet; off for the embedded digit sets and grey images, which are not
+    mirror-symmetric (a mirrored digit is another glyph, or none)."""
+    return spec not in EMBEDDED and channels == 3
+
+
 def available_memory() -> int | None:
     """Bytes of memory the machine can still give (MemAvailable), or None when unknown."""
     try:

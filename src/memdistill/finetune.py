@@ -42,7 +42,7 @@ def load_init_model(cfg: TrainConfig, data: TrainData) -> torch.nn.Module:
     if cfg.init is None:
         raise UserError("finetune needs --init: a pretrained model (e.g. mnist5k, a run folder or an official .pt)")
     model = load_dit(resolve_model(cfg.init))
-    latent_shape = tuple(data.latents.shape[1:])
+    latent_shape = data.latent_shape
     model_shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     if latent_shape != model_shape:
         raise UserError(f"the {cfg.codec} codec gives latents of shape {latent_shape} but the model {cfg.init} expects "

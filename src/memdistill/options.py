@@ -100,7 +100,12 @@ TRAIN_HELP = {
               "(0..K-1 in class order)",
     "codec": "pixel (the DiT works on pixels) or vae (on the latents of --vae)",
     "vae": "local folder of a diffusers AutoencoderKL (default: none; required with --codec vae)",
-    "latent_cache": "folder where encoded latents are cached and reused (default: none, encode every run)",
+    "latent_cache": "folder where the VAE posterior (mean and log-variance of each image, and of its mirror image "
+                    "with flipping) is cached and reused; every step draws its own flips and latents from it, so one "
+                    "cache serves every --seed (default: none, encode every run)",
+    "flip": "horizontal flips of the training images, drawn per step: auto (off for the embedded digit sets and "
+            "grey images, on for colour folder data, as the reference does for ImageNet), on or off; a run "
+            "records the value it resolved to",
     "model": "DiT size to build from scratch, e.g. DiT-XL/2 or DiT-Tiny/4",
     "init": "checkpoint to start from: a shipped name (mnist5k), an export folder, a run folder, an official .pt "
             "or a diffusers DiT folder",

@@ -26,7 +26,7 @@ def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite:
     rank, world, device = dist_setup(cfg.device)
     data = load_train_data(cfg, device, rank, world)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    c, h, w = data.latents.shape[1:]
+    c, h, w = data.latent_shape
     model = build_dit(cfg.model, input_size=h, in_channels=c, num_classes=max(data.cond_labels) + 1,
                       class_dropout_prob=cfg.class_dropout)
     set_trainable(model, "all")

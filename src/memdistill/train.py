@@ -1,6 +1,7 @@
 """The training loop shared by `pretrain` (from scratch) and `finetune` (the method).
 
-Everything random in a step (batch order, timesteps, noise, label dropout) is derived from (seed, step),
+Everything random in a step (batch order, timesteps, noise, label dropout, the flips and posterior samples of
+the training latents) is derived from (seed, step),
 so a resumed run replays exactly the steps an uninterrupted run would take, and a run split over several
 processes draws the same global batch as a single process.
 """
@@ -28,6 +29,7 @@ from .checks import MAX_LR, MAX_WEIGHT_DECAY, flag, require_finite, require_int
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
+from .latents import FLIP_CHOICES, LatentPosterior
 from .manifest import read_json_object, refuse_changed_settings, write_json_atomic, write_manifest
 from .memory import NonFiniteEntry
 from .runtime import announce_precision, autocast, check_precision, matmul_precision, resolve_precision
@@ -54,6 +56,9 @@ class TrainConfig:
     codec: str = "pixel"
     vae: str | None = None
     latent_cache: str | None = None
+    # Horizontal flips of the training images, drawn per step (latents.FLIP_CHOICES): auto = data.default_flip.
+    # A run records the value it resolved to ("on" or "off").
+    flip: str = "auto"
     # model: `init` is a checkpoint to start from (finetune); without it `model` is built from scratch
     model: str = "DiT-Tiny/4"
     init: str | None = None
@@ -96,6 +101,8 @@ class TrainConfig:
         if self.codec == "pixel" and (self.vae is not None or self.latent_cache is not None):
             given = opt("vae") if self.vae is not None else opt("latent_cache")
             raise UserError(f"{given} applies to {opt('codec')} vae; with the pixel codec it would be ignored")
+        if self.flip not in FLIP_CHOICES:
+            raise UserError(f"{opt('flip')} must be one of {', '.join(FLIP_CHOICES)}, got {self.flip!r}")
         if self.memory not in MEMORY_CHOICES:
             raise UserError(f"{opt('memory')} must be one of {', '.join(MEMORY_CHOICES)}, got {self.memory!r}")
         if self.train not in TRAIN_CHOICES:
@@ -193,10 +200,21 @@ def step_draws(cfg: TrainConfig, step: int, n: int, latent_shape: tuple[int, ...
     return idx, t, noise, drop
 
 
+# The stream of step_generator that draws a step's latents (0: timesteps, noise, dropout; 1: the epoch orders):
+# a stream of its own leaves the other draws as they were before the latents were drawn per step.
+LATENT_STREAM = 2
+
+
+def step_latents(posterior: LatentPosterior, seed: int, step: int, idx: torch.Tensor) -> torch.Tensor:
+    """The clean latents (B, C, h, w) of the global batch ``idx`` (B,) of ``step``: its flips and posterior samples,
+    drawn from (seed, step) alone (see LatentPosterior.draw), on the posterior's device."""
+    return posterior.draw(idx, step_generator(seed, step, stream=LATENT_STREAM))
+
+
 # ----- the run --------------------------------------------------------------------------------------
 @dataclass
 class TrainData:
-    latents: torch.Tensor  # (N, C, h, w)
+    posterior: LatentPosterior  # what each step draws its latents from: (N, V, C, h, w) statistics
     targets: torch.Tensor  # (N,) labels 0..K-1
     class_names: list[str]
     cond_labels: list[int]  # the model's class index of each label
@@ -205,17 +223,28 @@ class TrainData:
     image_shape: tuple[int, ...]
     label_mapping: str = "index"  # how class_names became cond_labels: "imagenet" or "index"
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, h, w) of one training latent."""
+        return self.posterior.latent_shape
+
+    @property
+    def flip(self) -> str:
+        """The resolved --flip: "on" when the mirror images are drawn from, else "off"."""
+        return "on" if self.posterior.flips else "off"
+
 
 def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: int = 0, world: int = 1
                     ) -> TrainData:
-    """The training split of ``cfg.data`` encoded by ``cfg.codec`` (cached when ``cfg.latent_cache`` is set).
+    """The training split of ``cfg.data`` encoded by ``cfg.codec`` into posterior statistics (cached when
+    ``cfg.latent_cache`` is set), with the mirror images when ``cfg.flip`` resolves to on (data.default_flip).
 
     Call it after ``dist_setup`` (so ``device`` is this rank's device). Under torchrun (``world`` > 1) with a
     VAE, rank 0 alone encodes the images (or reads the cache); the other ranks never load the VAE and receive
     the latents by broadcast.
     """
     from .codec import encode_dataset, make_codec
-    from .data import open_dataset
+    from .data import default_flip, open_dataset
 
     cache = Path(cfg.latent_cache) if cfg.latent_cache else None
     # With a latent cache, folder images are only listed (headers) up front: a cache hit then needs neither the
@@ -224,30 +253,33 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     ds = open_dataset(cfg.data, "train", cfg.subset, cfg.resolution, cfg.skip_bad_images, cfg.channels, cfg.labels,
                       verify=not lazy)
     codec = make_codec(cfg.codec, cfg.vae, device=device or resolve_device(cfg.device))
+    flip = cfg.flip == "on" or (cfg.flip == "auto" and default_flip(cfg.data, ds.channels))
     if world > 1 and codec.name != "pixel":
-        latents, targets = _encode_on_rank0(codec, ds, cache, cfg.seed, rank, device)
+        posterior, targets = _encode_on_rank0(codec, ds, cache, flip, rank, device)
     else:
-        latents, targets = encode_dataset(codec, ds, cache, seed=cfg.seed)
-    return TrainData(latents.float().cpu(), targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
+        posterior, targets = encode_dataset(codec, ds, cache, flip=flip)
+    return TrainData(posterior, targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
                      ds.identity, codec.config(), (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
 
 
-def _encode_on_rank0(codec, ds, cache: Path | None, seed: int, rank: int, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents (N, *latent_shape), targets (N,)) encoded once by rank 0 and broadcast to every rank."""
+def _encode_on_rank0(codec, ds, cache: Path | None, flip: bool, rank: int, device: torch.device
+                     ) -> tuple[LatentPosterior, torch.Tensor]:
+    """(posterior statistics (N, V, *latent_shape), targets (N,)) encoded once by rank 0 and broadcast to every
+    rank."""
     from .codec import encode_dataset
 
-    shape = (len(ds), *codec.latent_shape((ds.channels, ds.resolution, ds.resolution)))
+    shape = (len(ds), 2 if flip else 1, *codec.latent_shape((ds.channels, ds.resolution, ds.resolution)))
     if rank == 0:
-        latents, targets = encode_dataset(codec, ds, cache, seed=seed)
+        posterior, targets = encode_dataset(codec, ds, cache, flip=flip)
+        mean, logvar = posterior.mean, posterior.logvar
     else:
-        latents, targets = torch.empty(shape), torch.empty(len(ds), dtype=torch.long)
+        mean, logvar, targets = torch.empty(shape), torch.empty(shape), torch.empty(len(ds), dtype=torch.long)
     # NCCL moves only CUDA tensors; gloo only CPU ones.
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    latents, targets = latents.float().to(comm), targets.long().to(comm)
-    dist.broadcast(latents, src=0)
-    dist.broadcast(targets, src=0)
-    return latents.cpu(), targets.cpu()
+    mean, logvar, targets = mean.float().to(comm), logvar.float().to(comm), targets.long().to(comm)
+    for tensor in (mean, logvar, targets):
+        dist.broadcast(tensor, src=0)
+    return LatentPosterior(mean.cpu(), logvar.cpu(), codec.scaling_factor, codec.shift_factor), targets.cpu()
 
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
@@ -491,7 +523,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
     finish), so ``--resume`` continues from there."""
     from .models.io import save_export
 
-    cfg = cfg.with_resolved_paths()  # recorded (config.json, resume state, manifest) as the folders used
+    # Recorded (config.json, resume state, manifest) as the folders used and the flipping the data were loaded with.
+    cfg = dataclasses.replace(cfg.with_resolved_paths(), flip=data.flip)
     cfg.validate()
     out = Path(out)
     rank, world, device = dist_setup(cfg.device)
@@ -549,7 +582,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
         _trim_metrics(out / "metrics.jsonl", start)
 
-    latents = data.latents.to(device)
+    posterior = data.posterior.to(device)
     targets = data.targets.to(device)
     cond = torch.tensor(data.cond_labels, dtype=torch.long, device=device)
 
@@ -601,8 +634,9 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             for step in range(start, steps):
                 if stop.requested:
                     raise stop.interrupt()
-                idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, tuple(latents.shape[1:]), diffusion)
-                x0_all = latents[idx]
+                idx, t_all, noise_all, drop_all = step_draws(cfg, step, n, data.latent_shape, diffusion)
+                # This step's flips and posterior samples: the memories' real entries are these very latents.
+                x0_all = step_latents(posterior, cfg.seed, step, idx)
                 t_all, noise_all, drop_all = t_all.to(device), noise_all.to(device), drop_all.to(device)
                 mine = slice(rank * local, (rank + 1) * local)
                 labels = targets[idx][mine]
@@ -693,7 +727,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         extra = {"stage": cfg.stage, "class_names": data.class_names, "cond_labels": data.cond_labels,
                  "labels": data.label_mapping,
                  "codec": data.codec_config, "image_shape": list(data.image_shape),
-                 "latent_shape": list(data.latents.shape[1:]), "steps": steps, **(export_extra or {})}
+                 "latent_shape": list(data.latent_shape), "steps": steps, **(export_extra or {})}
         save_export(export, ema.cpu(), extra)
         write_manifest(out, cfg.stage, dataclasses.asdict(cfg), export="export", data=data.identity,
                        class_names=data.class_names, cond_labels=data.cond_labels, labels=data.label_mapping,
