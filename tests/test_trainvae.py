@@ -141,6 +141,12 @@ def test_the_codec_pads_images_of_the_recorded_size_and_crops_decodes_back(tmp_p
     z = codec.encode(x, generator=torch.Generator().manual_seed(0))
     assert z.shape == (3, 4, 4, 4)
     assert codec.decode(z).shape == (3, 1, 5, 5)
+    # the latent cache's posterior statistics see the same padded images as encoding on the fly
+    mean, logvar = codec.posterior(x)
+    assert mean.shape == logvar.shape == (3, 4, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    drawn = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g) - codec.shift_factor) * codec.scaling_factor
+    assert torch.allclose(drawn, z, atol=1e-5)
     # Other sizes go through as they are (a fully convolutional VAE), as for a VAE without a padding record.
     assert codec.latent_shape((1, 16, 16)) == (4, 8, 8)
     assert codec.decode(codec.encode(torch.zeros(1, 1, 16, 16))).shape == (1, 1, 16, 16)

@@ -188,7 +188,7 @@ class VAECodec(Codec):
         (N, C, H, W) in [-1, 1], unscaled, the log-variance clamped as diffusers clamps it before sampling."""
         means, logvars = [], []
         for xb in x.split(self.batch_size):
-            posterior = self.vae.encode(xb.to(self.device, torch.float32)).latent_dist
+            posterior = self.vae.encode(self.pad(xb.to(self.device, torch.float32))).latent_dist
             means.append(posterior.mean.to(x.device))
             logvars.append(posterior.logvar.to(x.device))
         return torch.cat(means), torch.cat(logvars)
