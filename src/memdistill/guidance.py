@@ -180,7 +180,9 @@ def class_modes(codec, dataset, class_names: list[str], k: int, seed: int = 0, c
     if missing:
         raise UserError(f"{option}: the data has no class {', '.join(missing[:5])} of the model "
                         f"(its classes: {', '.join(list(dataset.class_names)[:10])})")
-    path = modes_cache_path(cache_dir, dataset, codec.config(), class_names, k, seed) if cache_dir else None
+    # the VAE's identity (its files' hashes): a VAE retrained in place must not reuse the old modes
+    codec_key = codec.identity()
+    path = modes_cache_path(cache_dir, dataset, codec_key, class_names, k, seed) if cache_dir else None
     if path is not None and path.is_file():
         from safetensors.torch import load_file
 
@@ -191,7 +193,9 @@ def class_modes(codec, dataset, class_names: list[str], k: int, seed: int = 0, c
                 return modes
         except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
             log.warning("mode cache %s is unreadable (%s); recomputing", path, e)
-    latents, targets = encode_dataset(codec, dataset, Path(cache_dir) if cache_dir else None, seed=seed)
+    posterior, targets = encode_dataset(codec, dataset, Path(cache_dir) if cache_dir else None)
+    # the posterior means of the unflipped images, scaled as the DiT sees latents (pixels: the images themselves)
+    latents = (posterior.mean[:, 0] - posterior.shift) * posterior.scale
     rows = []
     for name in class_names:
         z = latents[targets == list(dataset.class_names).index(name)].double()  # (n_c, C, H, W)
