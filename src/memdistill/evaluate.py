@@ -23,8 +23,8 @@ from memdistill.errors import UserError
 from memdistill.nets import build_net
 from memdistill.reports import format_score
 from memdistill.runtime import autocast, check_precision, runtime_info
-from memdistill.softlabels import (FULL, LABEL_MODES, TEMPERATURE, Teacher, kd_loss, load_teacher, save_teacher,
-                                   teacher_meta)
+from memdistill.softlabels import (FULL, LABEL_MODES, SOFT_LR, SOFT_WEIGHT_DECAY, TEMPERATURE, Teacher, kd_loss,
+                                   load_teacher, save_teacher, soft_lr_at, teacher_meta)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class EvalConfig:
     labels: str = "hard"  # hard (the protocol) or soft (a teacher's labels, softlabels module)
     teacher: str | None = None  # with soft labels: a teacher checkpoint, or "full" (trained on the real train split)
     temperature: float = TEMPERATURE  # of the soft labels (RDED's, with CutMix)
+    soft_lr: float = SOFT_LR  # soft labels train as RDED's student: AdamW at this lr, half-cosine schedule
+    soft_weight_decay: float = SOFT_WEIGHT_DECAY  # and this decoupled weight decay
 
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
@@ -120,6 +122,8 @@ class EvalConfig:
             raise UserError(f"{flag('teacher', prefix)} {self.teacher}: no such file; give a teacher checkpoint "
                             f"(.safetensors or a torch state dict) or '{FULL}' to train one on the real train split")
         require_finite(flag("temperature", prefix), self.temperature, 0, low_open=True)
+        require_finite(flag("soft_lr", prefix), self.soft_lr, 0, MAX_LR, low_open=True)
+        require_finite(flag("soft_weight_decay", prefix), self.soft_weight_decay, 0, MAX_WEIGHT_DECAY)
 
 
 def _check_data(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -227,8 +231,13 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
     # The compiled module shares its parameters with `model`; the test checks run the eager one (eval mode
     # would otherwise trigger a second compilation).
     forward = torch.compile(model) if config.compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    if teacher is None:  # the protocol (METHOD.md section 7): SGD with momentum, step decay
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        base_lr, lr_schedule = config.lr, lr_at
+    else:  # soft labels: RDED's student (softlabels module)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_lr, weight_decay=config.soft_weight_decay)
+        base_lr, lr_schedule = config.soft_lr, soft_lr_at
     generator = torch.Generator().manual_seed(seed)
     log.info("training %s on %d images (%d per class), %d px, %d epochs, seed %d",
              config.net, len(train_x), ipc, size, epochs, seed)
@@ -237,7 +246,7 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
     model.train()
     for epoch in tqdm(range(epochs), desc=f"eval {config.net} seed {seed}", disable=None, leave=False):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, epochs, config.lr)
+            group["lr"] = lr_schedule(epoch, epochs, base_lr)
         for idx in _batches(len(train01), config.batch_size, generator):
             x = augment(train01[idx.to(device)], generator)  # (B, C, size, size)
             y = train_y[idx.to(device)]

@@ -212,13 +212,16 @@ EVAL_HELP = {
                  "CUDA, fp32 on the CPU)",
     "compile": "torch.compile the classifier (pays off only for long runs)",
     "labels": "hard (the protocol's labels) or soft (knowledge distillation from --teacher: the teacher labels "
-              "every augmented, CutMix-ed batch; the same SGD schedule)",
+              "every augmented, CutMix-ed batch; the student trains as RDED's: AdamW, --soft-lr, half-cosine schedule)",
     "teacher": "with --labels soft: a teacher classifier of the same classes and image size (.safetensors, or a torch "
                "state dict of a --net classifier), or full: train one on the whole real train split (30 epochs, hard "
                "labels) and save it in the output folder's teacher/ for reuse by path (default: none, needed with "
                "--labels soft)",
     "temperature": "soft-label temperature T; the loss is T^2 * KL(teacher/T || student/T) (default: 20, RDED's "
                    "with CutMix)",
+    "soft_lr": "with --labels soft: the student's AdamW learning rate, above 0 and at most 1, on a half-cosine "
+               "schedule (RDED's recipe; hard labels keep the protocol's SGD and --lr)",
+    "soft_weight_decay": "with --labels soft: the student's AdamW (decoupled) weight decay, 0 to 1",
 }
 
 
