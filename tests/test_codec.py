@@ -275,3 +275,23 @@ def test_latent_cache_on_a_full_disk_is_one_line(vae_dir, tmp_path, monkeypatch)
     with pytest.raises(UserError, match="disk is full"):
         encode_dataset(VAECodec(vae_dir), _dataset(), tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # no tmp file left
+
+
+def test_the_shipped_vae_resolves_by_name_and_is_recorded_by_name(monkeypatch, tmp_path):
+    """--vae mnist5k-vae: the packaged autoencoder, 4x8x8 latents of 28 px digits (padded to 32), its scaling
+    factor from train-vae; exports and manifests record the name, so they stay valid on another installation."""
+    import memdistill.pretrained as pretrained
+    from memdistill.codec import make_codec
+    from memdistill.errors import UserError
+    from memdistill.train import _resolved
+
+    codec = make_codec("vae", "mnist5k-vae")
+    assert codec.config() == {"name": "vae", "path": "mnist5k-vae"}
+    assert codec.latent_shape((1, 28, 28)) == (4, 8, 8) and 0.4 < codec.scaling_factor < 0.55
+    x = torch.zeros(2, 1, 28, 28) - 1
+    assert codec.decode(codec.encode(x, torch.Generator().manual_seed(0))).shape == (2, 1, 28, 28)
+    monkeypatch.chdir(tmp_path)
+    assert _resolved("vae", "mnist5k-vae") == "mnist5k-vae"  # a name, not ./mnist5k-vae
+    monkeypatch.setitem(pretrained.SHIPPED_VAES, "mnist5k-vae", "no-such-folder")
+    with pytest.raises(UserError, match="shipped mnist5k-vae autoencoder is missing"):
+        make_codec("vae", "mnist5k-vae")

@@ -104,7 +104,11 @@ class VAECodec(Codec):
     name = "vae"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32):
-        path = Path(path).expanduser()
+        from .pretrained import SHIPPED_VAES, resolve_vae
+
+        # a shipped VAE is recorded by its name, so that exports and manifests stay valid on another installation
+        self.shipped = str(path) if str(path) in SHIPPED_VAES else None
+        path = resolve_vae(path).expanduser()
         if not path.is_dir():
             raise UserError(f"VAE folder not found: {path}")
         if batch_size < 1:
@@ -211,7 +215,7 @@ class VAECodec(Codec):
         return (self.latent_channels, h // f, w // f)
 
     def config(self) -> dict:
-        return {"name": self.name, "path": str(self.path)}
+        return {"name": self.name, "path": self.shipped or str(self.path)}
 
     def identity(self) -> dict:
         """The config, the folder's config.json text and each weights file's name, size and modification time:

@@ -99,7 +99,8 @@ TRAIN_HELP = {
               "an unknown name among wnids or for a 1000-class model is an error), imagenet or index "
               "(0..K-1 in class order)",
     "codec": "pixel (the DiT works on pixels) or vae (on the latents of --vae)",
-    "vae": "local folder of a diffusers AutoencoderKL (default: none; required with --codec vae)",
+    "vae": "a shipped autoencoder's name (mnist5k-vae) or a local folder of a diffusers AutoencoderKL (default: none; "
+           "required with --codec vae)",
     "latent_cache": "folder where the VAE posterior (mean and log-variance of each image, and of its mirror image "
                     "with flipping) is cached and reused; every step draws its own flips and latents from it, so one "
                     "cache serves every --seed (default: none, encode every run)",
@@ -168,7 +169,7 @@ SAMPLE_HELP = {
                  "(default: auto = tf32 on CUDA, fp32 on the CPU)",
     "subset": "class list for a checkpoint without an export config (default: none, the export's own)",
     "codec": "pixel or vae, for a checkpoint without an export config (default: none, the export's own)",
-    "vae": "local AutoencoderKL folder used to decode (default: none, the export's own)",
+    "vae": "shipped autoencoder name or local AutoencoderKL folder used to decode (default: none, the export's own)",
     "vae_batch_size": "latents decoded per VAE call (lower it if decoding runs out of GPU memory)",
     "labels": "for --subset: auto, imagenet (wnid -> ImageNet index) or index (0..K-1)",
     "pool": "over-generate: sample ceil(F x IPC) candidates per class (F >= 1; candidate j gets image j's noise, "
@@ -268,9 +269,9 @@ _CREATED = {"latent_cache", "mode_cache", "sample_mode_cache"}
 def _input_paths(args: argparse.Namespace) -> dict[str, str]:
     """{"--option": path} of the command's input options that name a path (see INPUT_OPTIONS)."""
     from .data import BUILTIN_SUBSETS, EMBEDDED
-    from .pretrained import SHIPPED
+    from .pretrained import SHIPPED, SHIPPED_VAES
 
-    names = set(EMBEDDED) | set(SHIPPED) | set(BUILTIN_SUBSETS) | {"full"}  # --teacher full: trained, not read
+    names = set(EMBEDDED) | set(SHIPPED) | set(SHIPPED_VAES) | set(BUILTIN_SUBSETS) | {"full"}  # --teacher full: trained, not read
     found = {}
     for name in INPUT_OPTIONS.get(getattr(args, "command", None), ()):
         value = getattr(args, name, None)

@@ -10,10 +10,23 @@ from .errors import UserError
 
 # Models that ship inside the package (made with `memdistill pretrain`, see docs/pretrained.md).
 SHIPPED = {"mnist5k": "mnist5k-dit"}
+# Autoencoders that ship inside the package (made with `memdistill train-vae`, see docs/pretrained.md): --vae NAME.
+SHIPPED_VAES = {"mnist5k-vae": "mnist5k-vae"}
 
 
 def shipped_path(name: str) -> Path:
     return Path(str(resources.files("memdistill") / "weights" / SHIPPED[name]))
+
+
+def resolve_vae(spec: str | Path) -> Path:
+    """The folder behind a --vae value: a shipped VAE's name (SHIPPED_VAES), else the path itself. UserError when a
+    shipped VAE is missing from the installation."""
+    if str(spec) not in SHIPPED_VAES:
+        return Path(spec)
+    path = Path(str(resources.files("memdistill") / "weights" / SHIPPED_VAES[str(spec)]))
+    if not (path / "config.json").is_file():
+        raise UserError(f"the shipped {spec} autoencoder is missing from the installation ({path})")
+    return path
 
 
 def resolve_model(spec: str) -> Path:

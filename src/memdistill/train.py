@@ -146,6 +146,10 @@ def _builtin_names(option: str) -> tuple[str, ...]:
         from .pretrained import SHIPPED
 
         return tuple(SHIPPED)
+    if option == "vae":
+        from .pretrained import SHIPPED_VAES
+
+        return tuple(SHIPPED_VAES)
     if option == "subset":
         from .data import BUILTIN_SUBSETS
 
