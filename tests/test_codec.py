@@ -295,3 +295,11 @@ def test_the_shipped_vae_resolves_by_name_and_is_recorded_by_name(monkeypatch, t
     monkeypatch.setitem(pretrained.SHIPPED_VAES, "mnist5k-vae", "no-such-folder")
     with pytest.raises(UserError, match="shipped mnist5k-vae autoencoder is missing"):
         make_codec("vae", "mnist5k-vae")
+
+
+def test_every_shipped_model_names_its_embedded_training_set():
+    """The judge's and the modes' data default to a shipped model's own set: each shipped model must name one."""
+    from memdistill.data import EMBEDDED
+    from memdistill.pretrained import SHIPPED, SHIPPED_DATA
+
+    assert set(SHIPPED_DATA) == set(SHIPPED) and set(SHIPPED_DATA.values()) <= set(EMBEDDED)

@@ -10,6 +10,8 @@ from .errors import UserError
 
 # Models that ship inside the package (made with `memdistill pretrain`, see docs/pretrained.md).
 SHIPPED = {"mnist5k": "mnist5k-dit"}
+# The embedded dataset each shipped model was trained on (the judge's and the modes' data by default).
+SHIPPED_DATA = {"mnist5k": "mnist5k"}
 # Autoencoders that ship inside the package (made with `memdistill train-vae`, see docs/pretrained.md): --vae NAME.
 SHIPPED_VAES = {"mnist5k-vae": "mnist5k-vae"}
 

@@ -170,14 +170,14 @@ class Sampler:
         embedded dataset the model was trained on, when its run recorded it, or the shipped model's own set).
         Raises UserError naming --mode-data when there is none, or when it lacks a class or images."""
         from .data import EMBEDDED, open_dataset
-        from .pretrained import SHIPPED
+        from .pretrained import SHIPPED_DATA
 
         data = cfg.mode_data
         trained_on = str(self.source.get("data") or "").split(":")[0]
         if data is None and trained_on in EMBEDDED:
             data = trained_on
-        elif data is None and cfg.model in SHIPPED and cfg.model in EMBEDDED:  # a shipped model is named after its set
-            data = cfg.model
+        elif data is None and cfg.model in SHIPPED_DATA:  # a shipped model's own training set
+            data = SHIPPED_DATA[cfg.model]
         if data is None:
             raise UserError(f"--mode-guidance needs the real train images of the model's classes: give --mode-data "
                             f"(an embedded set: {', '.join(EMBEDDED)}, or a class-per-folder image tree)")

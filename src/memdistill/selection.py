@@ -130,13 +130,12 @@ def judge_data_default(pool_manifest: dict) -> str | None:
     """The embedded dataset whose train split judges a pool: the one its model was trained on (run manifest
     "data", e.g. "mnist5k:train") or a shipped model's own dataset; None when unknown (a folder dataset)."""
     from .data import EMBEDDED
-    from .pretrained import SHIPPED
+    from .pretrained import SHIPPED_DATA
 
     data = str(pool_manifest.get("data") or "").split(":", 1)[0]
     if data in EMBEDDED:
         return data
-    model = (pool_manifest.get("source") or {}).get("model")
-    return model if model in SHIPPED and model in EMBEDDED else None
+    return SHIPPED_DATA.get((pool_manifest.get("source") or {}).get("model"))
 
 
 def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, size: int | None = None,
