@@ -195,7 +195,7 @@ def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["finetune", "--data", "digits", "--vae", "somewhere"], "--vae applies to --codec vae"),
+    (["finetune", "--data", "digits", "--codec", "pixel", "--vae", "somewhere"], "--vae applies to --codec vae"),
     (["pretrain", "--data", "digits", "--latent-cache", "cache"], "--latent-cache applies to --codec vae"),
     (["sample", "--eta", "0.5"], "--eta is the noise of the ddim sampler"),
     (["sample", "--steps", "1001"], "--steps must be an integer >= 1 and <= 1000"),

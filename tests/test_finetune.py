@@ -1,6 +1,7 @@
 """`memdistill finetune` on a tiny setting (a micro DiT on the 8x8 digits): the artefacts of a run, the
 memories and the per-step loss against known answers, and the bad-input contract of the real CLI."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from memdistill.cli import main
+from memdistill.errors import UserError
 from memdistill.losses import cosine_matrix, memory_loss
 from memdistill.memory import ClassMemories, naive_adaptive_keep
 from memdistill.models.dit import build_dit, set_trainable
@@ -419,3 +421,19 @@ def test_finetune_runs_the_epochs_it_is_given(tiny_model, tmp_path):
                  "--memory", "none", "--device", "cpu", "--no-progress"]) == 0
     assert json.loads((out / "manifest.json").read_text())["steps"] == 4
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_codec_auto_takes_the_init_models_own_codec_and_vae(tiny_model):
+    """--codec auto (the default): a latent model is tuned on the latents of the VAE its export records (the
+    embedded default: mnist5k-latent on mnist5k-vae); a pixel model, or no --init, on pixels; --vae means vae."""
+    from memdistill.finetune import finetune_defaults
+
+    latent = finetune_defaults().with_resolved_codec()
+    assert (latent.init, latent.codec, latent.vae) == ("mnist5k-latent", "vae", "mnist5k-vae")
+    pixel = dataclasses.replace(finetune_defaults(), init=str(tiny_model)).with_resolved_codec()
+    assert (pixel.codec, pixel.vae) == ("pixel", None)
+    assert dataclasses.replace(finetune_defaults(), init="mnist5k").with_resolved_codec().codec == "pixel"
+    assert TrainConfig(init=None).with_resolved_codec().codec == "pixel"
+    assert TrainConfig(init=str(tiny_model), vae="my-vae").with_resolved_codec().codec == "vae"
+    with pytest.raises(UserError, match="--codec must be one of auto, pixel, vae"):
+        TrainConfig(codec="latent").validate()

@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a DiT with memory losses (the method)",
                        description="Fine-tune a pretrained DiT with the representativeness and diversity losses "
-                                   "against per-class memories. Defaults: the shipped mnist5k DiT on mnist5k.")
+                                   "against per-class memories. Defaults: the shipped mnist5k-latent DiT on the latents "
+                                   "of the shipped mnist5k-vae, tuned on mnist5k (the pixel-space model: --init mnist5k "
+                                   "--codec pixel).")
     add_config_args(p, finetune_defaults(), skip={"model", "stage"}, help=TRAIN_HELP)
     _add_run_folder_args(p, "runs/finetune")
     p.set_defaults(func=_cmd_finetune)

@@ -27,9 +27,12 @@ def paper_defaults() -> TrainConfig:
 
 
 def finetune_defaults() -> TrainConfig:
-    """The embedded default: the shipped mnist5k DiT tuned on mnist5k. Same recipe as the paper except the
-    length and the EMA decay, scaled so that the EMA actually moves within the few hundred CPU steps."""
-    return dataclasses.replace(paper_defaults(), data="mnist5k", codec="pixel", init="mnist5k", steps=500,
+    """The embedded default, the paper's latent pipeline at small scale: the shipped mnist5k-latent DiT, on the
+    latents of the shipped mnist5k-vae (the VAE its export records: --codec auto), tuned on mnist5k
+    (docs/pretrained.md). Same recipe as the paper except the
+    length and the EMA decay, scaled so that the EMA actually moves within the few hundred CPU steps. The pixel-space
+    model stays available: --init mnist5k --codec pixel."""
+    return dataclasses.replace(paper_defaults(), data="mnist5k", init="mnist5k-latent", codec="auto", steps=500,
                                ema_decay=0.99, checkpoint_every=100)
 
 
@@ -62,7 +65,7 @@ def load_init_model(cfg: TrainConfig, data: TrainData) -> torch.nn.Module:
 def finetune(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     from .models.dit import set_trainable
 
-    cfg = dataclasses.replace(cfg, stage="finetune").with_resolved_paths()
+    cfg = dataclasses.replace(cfg, stage="finetune").with_resolved_codec().with_resolved_paths()
     cfg.validate()
     # The device comes first: under torchrun each rank must be on its own GPU before it loads or encodes data.
     rank, world, device = dist_setup(cfg.device)

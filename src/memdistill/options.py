@@ -98,7 +98,8 @@ TRAIN_HELP = {
     "labels": "class names to model class indices: auto (ImageNet index when the names are wnids, else 0..K-1; "
               "an unknown name among wnids or for a 1000-class model is an error), imagenet or index "
               "(0..K-1 in class order)",
-    "codec": "pixel (the DiT works on pixels) or vae (on the latents of --vae)",
+    "codec": "auto (the --init model's own: its export records the codec and VAE; pixel when it records none, and "
+             "for pretrain without --vae), pixel (the DiT works on pixels) or vae (on the latents of --vae)",
     "vae": "a shipped autoencoder's name (mnist5k-vae) or a local folder of a diffusers AutoencoderKL (default: none; "
            "required with --codec vae)",
     "latent_cache": "folder where the VAE posterior (mean and log-variance of each image, and of its mirror image "
@@ -108,8 +109,8 @@ TRAIN_HELP = {
             "grey images, on for colour folder data, as the reference does for ImageNet), on or off; a run "
             "records the value it resolved to",
     "model": "DiT size to build from scratch, e.g. DiT-XL/2 or DiT-Tiny/4",
-    "init": "checkpoint to start from: a shipped name (mnist5k), an export folder, a run folder, an official .pt "
-            "or a diffusers DiT folder",
+    "init": "checkpoint to start from: a shipped name (mnist5k-latent, mnist5k), an export folder, a run folder, an "
+            "official .pt or a diffusers DiT folder",
     "train": "parameters to tune: difffit (biases, label table, DiffFit scales) or all",
     "class_dropout": "probability that a label is replaced by the null class (trains classifier-free guidance)",
     "steps": "optimisation steps; give --steps or --epochs, not both",
@@ -138,7 +139,7 @@ TRAIN_HELP = {
 }
 
 SAMPLE_HELP = {
-    "model": "shipped name (mnist5k), a run folder, an export, an official .pt or a diffusers DiT folder",
+    "model": "shipped name (mnist5k-latent, mnist5k), a run folder, an export, an official .pt or a diffusers DiT folder",
     "ipc": "images per class",
     "cfg_scale": "classifier-free guidance scale (1 = none)",
     "steps": "respaced sampling steps",

@@ -20,7 +20,8 @@ def pretrain_defaults() -> TrainConfig:
 def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     from .models.dit import build_dit, set_trainable
 
-    cfg = dataclasses.replace(cfg, stage="pretrain", train="all", init=None, memory="none").with_resolved_paths()
+    cfg = dataclasses.replace(cfg, stage="pretrain", train="all", init=None, memory="none").with_resolved_codec()
+    cfg = cfg.with_resolved_paths()
     cfg.validate()
     # The device comes first: under torchrun each rank must be on its own GPU before it loads or encodes data.
     rank, world, device = dist_setup(cfg.device)

@@ -9,9 +9,11 @@ from pathlib import Path
 from .errors import UserError
 
 # Models that ship inside the package (made with `memdistill pretrain`, see docs/pretrained.md).
-SHIPPED = {"mnist5k": "mnist5k-dit"}
+# mnist5k: a DiT on the pixels of mnist5k; mnist5k-latent: a DiT on the latents of the shipped mnist5k-vae (the
+# embedded default: the paper's latent pipeline).
+SHIPPED = {"mnist5k": "mnist5k-dit", "mnist5k-latent": "mnist5k-ldit"}
 # The embedded dataset each shipped model was trained on (the judge's and the modes' data by default).
-SHIPPED_DATA = {"mnist5k": "mnist5k"}
+SHIPPED_DATA = {"mnist5k": "mnist5k", "mnist5k-latent": "mnist5k"}
 # Autoencoders that ship inside the package (made with `memdistill train-vae`, see docs/pretrained.md): --vae NAME.
 SHIPPED_VAES = {"mnist5k-vae": "mnist5k-vae"}
 

@@ -63,7 +63,7 @@ class RunConfig:
         self.baseline_list()
         self.finetune.validate()
         self.sample.validate(prefix="sample-")
-        if self.sample.vae is not None and self.finetune.codec != "vae":
+        if self.sample.vae is not None and self.finetune.with_resolved_codec().codec != "vae":
             raise UserError("--sample-vae decodes latents, but the run works in pixel space (--codec pixel); leave "
                             "it out")
         self.eval.validate(prefix="eval-")

@@ -53,7 +53,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     channels: str = "auto"  # auto (1 when every image is grey), 1 or 3
     labels: str = "auto"  # class names -> DiT class indices: auto, imagenet or index (data.label_mapping)
-    codec: str = "pixel"
+    codec: str = "auto"  # auto: the --init model's own codec and VAE (its export records them), else pixel
     vae: str | None = None
     latent_cache: str | None = None
     # Horizontal flips of the training images, drawn per step (latents.FLIP_CHOICES): auto = data.default_flip.
@@ -98,6 +98,8 @@ class TrainConfig:
         def opt(name: str) -> str:
             return flag(name, prefix)
 
+        if self.codec not in CODEC_CHOICES:
+            raise UserError(f"{opt('codec')} must be one of {', '.join(CODEC_CHOICES)}, got {self.codec!r}")
         if self.codec == "pixel" and (self.vae is not None or self.latent_cache is not None):
             given = opt("vae") if self.vae is not None else opt("latent_cache")
             raise UserError(f"{given} applies to {opt('codec')} vae; with the pixel codec it would be ignored")
@@ -124,12 +126,43 @@ class TrainConfig:
         require_int(opt("memory_max_t"), self.memory_max_t, 1, NUM_TIMESTEPS, optional=True)
         check_precision(self.precision, opt("precision"))
 
+    def with_resolved_codec(self) -> "TrainConfig":
+        """This config with --codec auto made concrete: an explicit --vae means vae; else the codec and VAE that the
+        --init model's export records (config.json "codec"), so that a latent model is tuned on its own VAE's
+        latents; else (no --init, or a checkpoint that records none) pixel."""
+        if self.codec != "auto":
+            return self
+        if self.vae is not None:
+            return dataclasses.replace(self, codec="vae")
+        recorded = _init_codec(self.init)
+        if recorded is None or recorded.get("name") != "vae":
+            return dataclasses.replace(self, codec="pixel")
+        return dataclasses.replace(self, codec="vae", vae=recorded.get("path"))
+
     def with_resolved_paths(self) -> "TrainConfig":
         """This config with its path-valued options (--data, --init, --vae, --latent-cache, a --subset file) as
         absolute, resolved paths: a run records the folders it used, not the text typed, so that a resume from
         another working directory, or one typed as ./data instead of data, means the same folders. Names of
         embedded datasets, shipped models and built-in subsets stay names."""
         return dataclasses.replace(self, **{k: _resolved(k, getattr(self, k)) for k in PATH_OPTIONS})
+
+
+CODEC_CHOICES = ("auto", "pixel", "vae")
+
+
+def _init_codec(init: str | None) -> dict | None:
+    """The codec ({"name", "path"}) that the export behind ``init`` records, or None (no --init, a bare checkpoint,
+    an unreadable config: then the load itself reports what is wrong)."""
+    if not init:
+        return None
+    from .pretrained import resolve_model
+
+    try:
+        config = Path(resolve_model(init)) / "config.json"
+        codec = json.loads(config.read_text()).get("codec") if config.is_file() else None
+    except (UserError, OSError, ValueError, AttributeError):
+        return None
+    return codec if isinstance(codec, dict) and isinstance(codec.get("path"), (str, type(None))) else None
 
 
 # Options that name a file or folder (unless the value is a built-in name): compared and stored resolved.
@@ -250,6 +283,7 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     from .codec import encode_dataset, make_codec
     from .data import default_flip, open_dataset
 
+    cfg = cfg.with_resolved_codec()
     cache = Path(cfg.latent_cache) if cfg.latent_cache else None
     # With a latent cache, folder images are only listed (headers) up front: a cache hit then needs neither the
     # pixels nor the VAE; on a miss, encode_dataset decodes (and checks) them. Ranks > 0 never read pixels.

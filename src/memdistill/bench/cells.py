@@ -107,7 +107,7 @@ class _Bench:
         sample = dataclasses.replace(self.cfg.sample, model=model, ipc=ipc, **variant.sample_overrides())
         if variant.base == "dit" and not _is_export(model):
             # A bare pretrained checkpoint carries no class list or codec: take the fine-tuning data's.
-            ft = self.cfg.finetune
+            ft = self.cfg.finetune.with_resolved_codec()
             sample = dataclasses.replace(sample, subset=ft.subset, codec=ft.codec, vae=sample.vae or ft.vae)
         return self.timed(f"sample {folder.name}", sample_set, sample, folder, overwrite=True)
 
