@@ -264,9 +264,16 @@ class FidelityWatch:
             saved = json.loads(path.read_text()) if step > 0 else {}
         except (OSError, ValueError):
             saved = {}
-        checks = saved.get("checks") if isinstance(saved, dict) else None
-        self.record["checks"] = [c for c in checks or [] if isinstance(c, dict) and isinstance(c.get("step"), int)
-                                 and c["step"] <= step]
+        if not isinstance(saved, dict):
+            saved = {}
+        checks = list(saved.get("checks") or [])
+        # A run extended with --resume --steps keeps its earlier final check as a check of that step.
+        final = saved.get("final")
+        if isinstance(final, dict) and all(not isinstance(c, dict) or c.get("step") != final.get("step")
+                                           for c in checks):
+            checks.append({k: v for k, v in final.items() if k != "warning"})
+        self.record["checks"] = [c for c in checks if isinstance(c, dict) and isinstance(c.get("step"), int)
+                                 and not isinstance(c["step"], bool) and c["step"] <= step]
 
     def judge(self, device):
         if self._judge is None:
