@@ -1,7 +1,6 @@
 """Class fidelity (memdistill.fidelity): the figure itself, the `fidelity` command, and pretrain's checks."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -149,7 +149,7 @@ def recorded_data(source: dict, model: str | None = None) -> dict | None:
     image set's manifest "source") records: the run's own settings when its --data is an embedded set or a
     folder that still exists, else a shipped model's own embedded set; None when unknown."""
     from .data import EMBEDDED
-    from .pretrained import SHIPPED
+    from .selection import judge_data_default
 
     run = source.get("run")
     if run:
@@ -160,13 +160,8 @@ def recorded_data(source: dict, model: str | None = None) -> dict | None:
         data = config.get("data") if isinstance(config, dict) else None
         if isinstance(data, str) and (data in EMBEDDED or Path(data).is_dir()):
             return {"data": data, "subset": config.get("subset")}
-    trained_on = str(source.get("data") or "").split(":", 1)[0]
-    if trained_on in EMBEDDED:
-        return {"data": trained_on, "subset": None}
-    name = model or source.get("model")
-    if name in SHIPPED and name in EMBEDDED:  # a shipped model is named after its set
-        return {"data": name, "subset": None}
-    return None
+    data = judge_data_default({"data": source.get("data"), "source": {"model": model or source.get("model")}})
+    return {"data": data, "subset": None} if data else None
 
 
 def open_judge(data: str, subset: str | None, image_shape: tuple[int, ...], net: str = "convnet3",
