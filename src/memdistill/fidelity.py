@@ -54,7 +54,7 @@ FIDELITY_HELP = {
                       "(default: none, at the end only)",
     "fidelity_per_class": "samples per class of the checks during training",
     "fidelity_final_per_class": "samples per class of the final check",
-    "fidelity_warn": "warn when the final class fidelity (%) is below this, 0 to 100",
+    "fidelity_warn": "warn when the final class fidelity (%%) is below this, 0 to 100",
 }
 
 
