@@ -37,11 +37,62 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_defaults
     from .train import TrainConfig
 
+    from .fidelity import FIDELITY_FILE, FidelityConfig
+
     check_out(args, "a run", TRAIN_RUN_MARKS)
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
-    export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    fidelity = config_from_args(FidelityConfig, args, FidelityConfig())
+    export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, fidelity=fidelity)
     _say_labels(export)
     say(f"pretrained model exported to {export}")
+    if fidelity.fidelity:
+        _say_training_fidelity(Path(args.out) / FIDELITY_FILE)
+
+
+def _say_training_fidelity(path: Path) -> None:
+    """Print the checks a training run recorded in ``path`` (fidelity.json), its warning last."""
+    from .fidelity import SAMPLES_FILE, format_result
+
+    record = json.loads(path.read_text())
+    for check in record["checks"]:
+        say(f"step {check['step']}: class fidelity {check['fidelity']:.1f}% ({check['images']} images)")
+    final = record["final"]
+    say(f"final (step {final['step']}, {final['per_class_images']} samples per class):")
+    for line in format_result(final):
+        say("  " + line)
+    say(f"samples: {path.parent / SAMPLES_FILE}; figures: {path}")
+    if final.get("warning"):
+        say(f"WARNING: {final['warning']}")
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> None:
+    from .checks import require_int
+    from .fidelity import SAMPLES_FILE, format_result, measure_model, measure_set, sample_grid
+    from .manifest import write_json_atomic
+    from .sample import SampleConfig
+
+    if (args.model is None) == (args.set is None):
+        raise UserError("give --model (a model to sample) or --set (an image set to judge), one of them")
+    require_int("--per-class", args.per_class, low=1)
+    check_out(args, "results (results.json)", ("results.json",), resumable=False)
+    if args.set is not None:
+        result, images, labels, names = measure_set(args.set, args.data, args.test, args.judge_net,
+                                                    args.judge_epochs, args.judge_cache, args.device)
+        say(f"set: {args.set} ({result['images']} images)")
+    else:
+        cfg = config_from_args(SampleConfig, args, SampleConfig(model=args.model))
+        result, images, labels, names = measure_model(cfg, args.per_class, args.data, args.test,
+                                                      progress=sys.stderr.isatty())
+        say(f"model: {args.model}; {args.per_class} samples per class, guidance {cfg.cfg_scale:g}, "
+            f"{cfg.steps} {cfg.sampler} steps, {result['sampling_seconds']:.0f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = sample_grid(images, labels, names, args.grid or out / SAMPLES_FILE)
+    result["grid"] = str(grid)
+    write_json_atomic(out / "results.json", result)
+    for line in format_result(result):
+        say(line)
+    say(f"grid: {grid}; results written to {out / 'results.json'}")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -178,6 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .fidelity import FIDELITY_HELP, FidelityConfig
     from .pretrain import pretrain_defaults
 
     parser = argparse.ArgumentParser(prog="memdistill", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -189,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch")
     add_config_args(p, pretrain_defaults(), skip={"init", "train", "memory", "lambda_real", "lambda_gen", "mem_real",
                                                   "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"}, help=TRAIN_HELP)
+    add_config_args(p, FidelityConfig(), help=FIDELITY_HELP)
     _add_run_folder_args(p, "runs/pretrain")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -226,6 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sample", help="output image set folder (default: runs/sample)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("fidelity", help="class fidelity of a model's samples (or of an image set) under a judge "
+                                        "trained on the real train split",
+                       description="Sample --per-class images of every class of --model (or read the image set "
+                                   "--set) and report the share that a classifier trained on the real train "
+                                   "split (the judge) labels as their class, overall and per class, beside the "
+                                   "judge's own top-1 on the real test split. Writes results.json and a grid.")
+    p.add_argument("--model", default=None, help=SAMPLE_HELP["model"] + " (or --set)")
+    p.add_argument("--set", default=None, help="an image set (from sample or select) to judge instead of a model")
+    p.add_argument("--data", default=None, help="real train images of the judge: an embedded set (mnist5k, digits) "
+                   "or a class-per-folder tree (default: the data the model's run recorded, or a shipped model's "
+                   "own set; required otherwise)")
+    p.add_argument("--test", default=None, help="real test images for the judge's own top-1 (default: the test "
+                   "split of an embedded --data; none for a folder)")
+    p.add_argument("--per-class", type=int, default=50, help="samples per class (default: 50)")
+    add_config_args(p, SampleConfig(), skip={"model", "ipc", "classes", "pool", "select", "keep_pool", "from_pool",
+                                             "judge_data"}, help=SAMPLE_HELP)
+    p.add_argument("--grid", default=None, help="PNG of the first 10 images of each class (default: samples.png "
+                   "in --out)")
+    p.add_argument("--out", default="runs/fidelity", help="folder for results.json (default: runs/fidelity)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
+    p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("select", help="select IPC real images per class (random or herding baseline)")
     p.add_argument("--method", default="random", help="random or herding (default: random)")

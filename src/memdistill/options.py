@@ -256,6 +256,7 @@ INPUT_OPTIONS = {
     "finetune": ("data", "subset", "init", "vae", "latent_cache"),
     "sample": ("model", "subset", "vae", "from_pool", "judge_data", "mode_data", "mode_cache"),
     "select": ("data", "subset"),
+    "fidelity": ("model", "set", "data", "test", "subset", "vae", "mode_data", "mode_cache"),
     "evaluate": ("train", "test", "subset", "teacher"),
     "export": ("set",),
     "run": ("data", "subset", "init", "vae", "latent_cache", "test", "eval_teacher", "sample_judge_data",

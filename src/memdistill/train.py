@@ -551,14 +551,18 @@ _NO_STEP = 2**62  # "no non-finite loss yet" in the on-device record of the firs
 
 
 def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data: TrainData,
-                 resume: bool = False, overwrite: bool = False, export_extra: dict | None = None) -> Path:
+                 resume: bool = False, overwrite: bool = False, export_extra: dict | None = None,
+                 watch=None) -> Path:
     """Train ``model`` on ``data`` per ``cfg``; returns the export folder. ``model`` must already hold its
     starting weights and trainable flags.
 
     Raises UserError when the loss or the weights become non-finite (naming the step; nothing is exported and
     the resume state on disk stays the last finite one). On Ctrl-C (KeyboardInterrupt) the last completed
     step is saved as the resume state before the interrupt goes on (a first Ctrl-C lets the running step
-    finish), so ``--resume`` continues from there."""
+    finish), so ``--resume`` continues from there.
+
+    ``watch`` (fidelity.FidelityWatch or None) measures the EMA model's class fidelity on rank 0 every
+    ``watch.every`` steps (when set) and once before the export; it never draws from the training's generators."""
     from .models.io import save_export
 
     # Recorded (config.json, resume state, manifest) as the folders used and the flipping the data were loaded with.
@@ -614,6 +618,8 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         restore_rng(state["rng"])
         start = state["step"]
         log.info("resumed from step %d", start)
+    if watch is not None and rank == 0:
+        watch.start(start)  # a resumed run keeps the checks of the steps it keeps
 
     if rank == 0:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -740,7 +746,13 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
                 if save_now:
                     save_state(done)
                     saved = done
-                if log_now or save_now:
+                checked = watch is not None and watch.every and done % watch.every == 0 and done < steps
+                if checked:
+                    if rank == 0:
+                        watch.check(done, ema, device)
+                    if world > 1:
+                        dist.barrier()
+                if log_now or save_now or checked:  # a check's time is not a training step's
                     mark, mark_step = time.perf_counter(), done
                 bar.update(1)
     except KeyboardInterrupt as interrupt:
@@ -761,6 +773,9 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
             metrics_file.close()
 
     export = out / "export"
+    fidelity = None
+    if watch is not None and rank == 0:
+        fidelity = watch.check(steps, ema, device, final=True)  # before save_export moves the EMA to the CPU
     if rank == 0:
         extra = {"stage": cfg.stage, "class_names": data.class_names, "cond_labels": data.cond_labels,
                  "labels": data.label_mapping,
@@ -769,7 +784,9 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         save_export(export, ema.cpu(), extra)
         write_manifest(out, cfg.stage, dataclasses.asdict(cfg), export="export", data=data.identity,
                        class_names=data.class_names, cond_labels=data.cond_labels, labels=data.label_mapping,
-                       steps=steps, precision=precision)
+                       steps=steps, precision=precision,
+                       **({"fidelity": {k: fidelity[k] for k in ("fidelity", "per_class", "images", "warning")}}
+                          if fidelity else {}))
     if world > 1:
         dist.barrier()
     return export
