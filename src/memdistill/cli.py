@@ -266,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write an image set in another tool's layout (DD-Ranking)",
-                       description="Write an image set as DD-Ranking reads one: class folders 00000, 00001, ... in "
-                                   "the model's class order, and CLASS_ORDER.txt mapping each index to its class.")
+                       description="Write an image set as DD-Ranking reads one: each class in the folder of its label "
+                                   "index in the model's class list (00000, 00001, ...; a set sampled with --classes "
+                                   "7,3 gives 00007 and 00003), and CLASS_ORDER.txt mapping each index to its class.")
     p.add_argument("--format", default="ddranking", help="output layout: ddranking (default: ddranking)")
     p.add_argument("--set", required=True, help="the image set (from sample or select) or a class-per-folder tree")
     p.add_argument("--out", required=True, help="output folder")
