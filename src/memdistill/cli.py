@@ -127,8 +127,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             noaug = evaluate_image_set(args.train, args.test, without_augmentation(cfg), test_split=args.test_split,
                                        subset=args.subset, resolution=args.resolution,
                                        skip_bad_images=args.skip_bad_images, teacher_dir=Path(args.out) / "teacher")
+        hard = None
+        if cfg.labels == "soft":  # HLR compares hard-label accuracies (references.score_set)
+            hard = evaluate_image_set(args.train, args.test, cfg.with_hard_labels(), test_split=args.test_split,
+                                      subset=args.subset, resolution=args.resolution,
+                                      skip_bad_images=args.skip_bad_images)
         refs = references_for(result, score_cfg, args.subset, args.test_split)
-        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], score_cfg, noaug)
+        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], score_cfg, noaug,
+                                     hard)
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
     if "scores" in result:

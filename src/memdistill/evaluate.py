@@ -97,6 +97,13 @@ class EvalConfig:
     soft_lr: float = SOFT_LR  # soft labels train as RDED's student: AdamW at this lr, half-cosine schedule
     soft_weight_decay: float = SOFT_WEIGHT_DECAY  # and this decoupled weight decay
 
+    def with_hard_labels(self) -> "EvalConfig":
+        """This protocol with hard labels: no teacher, and the soft-label settings (temperature, the student's
+        AdamW lr and weight decay) back at their defaults, as they do not act on hard labels, so that a key made
+        from the result (a reference's cache, a --teacher full file) does not change with them."""
+        return replace(self, labels="hard", teacher=None, temperature=TEMPERATURE, soft_lr=SOFT_LR,
+                       soft_weight_decay=SOFT_WEIGHT_DECAY)
+
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
         require_finite(flag("lr", prefix), self.lr, 0, MAX_LR, low_open=True)

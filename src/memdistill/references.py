@@ -1,6 +1,6 @@
 """Reference accuracies a distilled set is scored against (memdistill.scores), under the set's own protocol:
 
-- full data: classifiers trained on the whole real train split;
+- full data: classifiers trained on the whole real train split, always with hard labels (HLR, see score_set);
 - random real: classifiers trained on a random real subset with the set's IPC (one subset, drawn with the
   protocol's seed as the random baseline of ``run`` draws it; repeats differ by classifier seed).
 
@@ -161,8 +161,10 @@ class References:
 
     def full_data(self, config: EvalConfig, epochs: int = FULL_DATA_EPOCHS) -> dict:
         """evaluate_repeats' result of classifiers trained on the whole train split for ``epochs`` epochs
-        (see the module docstring for the budget), every other setting as ``config``."""
-        config = replace(with_default_flip(config, self.test_name), epochs=epochs)
+        (see the module docstring for the budget) with HARD labels, every other setting as ``config``: HLR
+        compares hard-label accuracies also when the set is evaluated with soft labels (DD-Ranking's soft-label
+        evaluator, ddranking/metrics/soft_label.py), so soft-label settings neither train nor key it."""
+        config = replace(with_default_flip(config.with_hard_labels(), self.test_name), epochs=epochs)
 
         def train() -> dict:
             x, y, tx, ty = self._data()
@@ -209,12 +211,20 @@ def _summary(result: dict) -> dict:
 
 
 def score_set(result: dict, references: References, config: EvalConfig, ipc: int, cfg: ScoreConfig,
-              noaug_result: dict | None = None) -> dict:
+              noaug_result: dict | None = None, hard_result: dict | None = None) -> dict:
     """HLR, IOR, LRS (and ARS when ``noaug_result``, the set evaluated under without_augmentation(config), is
     given) of a set whose evaluate_repeats ``result`` was measured under ``config`` at ``ipc`` images per
     class; see memdistill.scores.score_repeats. Adds "full_data" and "random_real" (best top-1 per repeat, mean,
-    std, epochs) and the reference settings."""
-    if config.labels == "soft" and (result.get("teacher") or {}).get("path"):
+    std, epochs) and the reference settings.
+
+    With soft labels the scores follow DD-Ranking's soft-label evaluator (ddranking/metrics/soft_label.py):
+    HLR = full data (hard labels) - the set with hard labels, from ``hard_result`` (the set evaluated under
+    config.with_hard_labels(), required then: ValueError without it); IOR = the set's soft-label accuracy - the
+    random reference's soft-label accuracy. "set_hard" then reports the set's hard-label accuracy."""
+    soft = config.labels == "soft"
+    if soft and hard_result is None:
+        raise ValueError("soft labels: HLR needs the set's hard-label accuracy (hard_result)")
+    if soft and (result.get("teacher") or {}).get("path"):
         # the references are labelled by the very teacher the set was (--teacher full: the file it was trained into)
         config = replace(config, teacher=result["teacher"]["path"])
     full = references.full_data(config, cfg.full_data_epochs)
@@ -224,9 +234,11 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
         noaug = {"set_noaug": _best(noaug_result),
                  "random_noaug": _best(references.random_real(without_augmentation(config), ipc))}
     scores = score_repeats(_best(result), _best(full), _best(random), cfg.lrs_weight, cfg.score_scaling,
-                           ars_lambda=cfg.ars_lambda, **noaug)
+                           ars_lambda=cfg.ars_lambda, set_hard=_best(hard_result) if soft else None, **noaug)
     scores.update(full_data=_summary(full), random_real=_summary(random), reference_data=references.train_ds.identity,
-                  ipc=ipc)
+                  ipc=ipc, labels=config.labels)
+    if soft:
+        scores["set_hard"] = _summary(hard_result)
     if noaug_result is not None:
         scores["set_noaug"] = _summary(noaug_result)
     return scores
