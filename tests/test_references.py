@@ -229,3 +229,10 @@ def test_evaluate_soft_label_scores_take_the_sets_hard_label_accuracy(tmp_path, 
     assert s["hlr"]["per_repeat"] == [s["full_data"]["per_repeat"][0] - hard["per_repeat"][0]["best"]]
     # the set is the random selection with the protocol's seed: the (soft-label) random reference is the same set
     assert s["ior"]["per_repeat"] == [0.0]
+
+
+def test_hard_label_references_are_not_keyed_by_soft_label_settings(tmp_path, trained):
+    r = refs(tmp_path)
+    first = r.random_real(TINY, 2)
+    for student in (dict(temperature=4.0), dict(soft_lr=0.002), dict(soft_weight_decay=0.1)):
+        assert r.random_real(replace(TINY, **student), 2) == first and len(trained) == 1, student

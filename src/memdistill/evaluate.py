@@ -468,14 +468,17 @@ def full_teacher(data: str, subset: str | None, config: EvalConfig, channels: in
     classes, read at ``resolution``), tested on test_x/test_y (N, C, H, W) in [-1, 1].
 
     It is saved as ``folder``/<net>.safetensors, with the settings it was trained with and its test top-1, and
-    reused from there when they match (a second evaluate can also name that file with --teacher PATH).
+    reused from there when they match (a second evaluate can also name that file with --teacher PATH): only what
+    changes the teacher keys it (data, classes, net, norm, image size, epochs, seed, the hard-label protocol), not
+    the student's soft-label settings.
     Raises UserError when ``folder`` is None or the train split's classes differ from ``class_names``."""
     from .data import load_tensors, open_dataset
 
     if folder is None:
         raise UserError(f"--teacher {FULL} needs an output folder to save the teacher in")
     path = Path(folder) / f"{config.net}.safetensors"
-    train_config = replace(config, labels="hard", teacher=None, epochs=TEACHER_EPOCHS, repeats=1, eval_every=None)
+    # with_hard_labels: the student's settings (--temperature, --soft-lr, ...) neither train nor key the teacher
+    train_config = replace(config.with_hard_labels(), epochs=TEACHER_EPOCHS, repeats=1, eval_every=None)
     settings = {k: v for k, v in asdict(train_config).items() if k not in ("device", "compile", "repeats")}
     meta = {"data": f"{data}:train", "subset": subset, "class_names": list(class_names),
             "num_classes": len(class_names), "channels": channels, "image_size": size, "net": config.net,

@@ -132,6 +132,8 @@ class References:
         return self._tensors
 
     def _spec(self, kind: str, config: EvalConfig, **extra) -> dict:
+        if config.labels == "hard":  # the soft-label settings do not act on hard labels: not part of the key
+            config = config.with_hard_labels()
         protocol = {k: v for k, v in asdict(config).items() if k not in _NOT_KEYED}
         if config.labels == "soft":  # a teacher file replaced in place must not reuse the old teacher's references
             from .softlabels import sha256_of
