@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,16 @@ class EvalConfig:
     temperature: float = TEMPERATURE  # of the soft labels (RDED's, with CutMix)
     soft_lr: float = SOFT_LR  # soft labels train as RDED's student: AdamW at this lr, half-cosine schedule
     soft_weight_decay: float = SOFT_WEIGHT_DECAY  # and this decoupled weight decay
+    # Options that act only with soft labels: typed with hard labels they are refused (options.config_from_args)
+    TYPED_ONLY: ClassVar[tuple[str, ...]] = ("temperature", "soft_lr", "soft_weight_decay")
+
+    def refuse_idle(self, typed: set[str], prefix: str = "") -> None:
+        """UserError naming the option when one of ``typed`` (fields whose option the user gave) would do nothing:
+        the soft-label settings with hard labels."""
+        idle = [name for name in self.TYPED_ONLY if name in typed]
+        if idle and self.labels != "soft":
+            raise UserError(f"{flag(idle[0], prefix)} is used only with {flag('labels', prefix)} soft; with hard "
+                            "labels it would be ignored")
 
     def with_hard_labels(self) -> "EvalConfig":
         """This protocol with hard labels: no teacher, and the soft-label settings (temperature, the student's

@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -71,6 +71,20 @@ class ScoreConfig:
     lrs_weight: float = DEFAULT_WEIGHT
     ars_lambda: float = DEFAULT_ARS_LAMBDA
     score_scaling: str = "fraction"  # or "points", as DD-Ranking's code
+    # Options that act only with scores: typed without them they are refused (options.config_from_args)
+    TYPED_ONLY: ClassVar[tuple[str, ...]] = ("scores", "reference_data", "references_cache", "full_data_epochs",
+                                             "lrs_weight", "ars_lambda", "score_scaling")
+
+    def refuse_idle(self, typed: set[str], prefix: str = "") -> None:
+        """UserError naming the option when one of ``typed`` (fields whose option the user gave) would do nothing:
+        a score setting without --scores (or --ars), --ars with an explicit --no-scores."""
+        idle = [name for name in self.TYPED_ONLY if name in typed and name != "scores"]
+        if idle and not self.wanted:
+            raise UserError(f"{flag(idle[0], prefix)} is used only with {flag('scores', prefix)}; without it it "
+                            "would be ignored")
+        if self.ars and "scores" in typed and not self.scores:
+            raise UserError(f"{flag('ars', prefix)} computes scores, which {flag('no_scores', prefix)} turns off: give "
+                            "one of them")
 
     @property
     def wanted(self) -> bool:
