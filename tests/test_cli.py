@@ -203,6 +203,20 @@ def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
     (["sample", "--vae", "somewhere"], "--vae decodes latents"),
     (["sample", "--guided-channels", "2"], "--guided-channels must be between 1 and 1"),
     (["sample", "--classes", "0,0"], "--classes must be distinct"),
+    # options of soft labels with hard labels, of scores without --scores: typed, they would do nothing
+    *[(["evaluate", "--train", "digits", *typed], "is used only with --labels soft")
+      for typed in (["--temperature", "4"], ["--soft-lr", "0.002"], ["--soft-weight-decay", "0.1"],
+                    ["--labels", "hard", "--temperature", "20"])],
+    (["run", "--eval-temperature", "4"], "--eval-temperature is used only with --eval-labels soft"),
+    (["bench", "--eval-soft-lr", "0.1"], "--eval-soft-lr is used only with --eval-labels soft"),
+    *[(["evaluate", "--train", "digits", *typed], f"{typed[0]} is used only with --scores")
+      for typed in (["--full-data-epochs", "2"], ["--reference-data", "digits"], ["--references-cache", "c"],
+                    ["--lrs-weight", "0.3"], ["--ars-lambda", "0.3"], ["--score-scaling", "points"],
+                    ["--lrs-weight", "0.5", "--no-scores"])],
+    (["run", "--full-data-epochs", "2"], "--full-data-epochs is used only with --scores"),
+    (["bench", "--no-scores", "--score-scaling", "points"], "--score-scaling is used only with --scores"),
+    (["evaluate", "--train", "digits", "--ars", "--no-scores"], "--ars computes scores, which --no-scores turns off"),
+    (["run", "--no-scores", "--ars"], "--ars computes scores, which --no-scores turns off"),
 ])
 def test_options_that_would_be_ignored_or_unnamed_are_refused(capsys, tmp_path, args, match):
     assert main([*args, "--out", str(tmp_path / "o")]) == 2

@@ -61,3 +61,34 @@ def test_bad_export_input_is_one_line(tmp_path, small_set, capsys):
     (tmp_path / "taken" / "f").write_text("")
     assert run_cli("export", "--set", small_set, "--out", tmp_path / "taken") == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_of_a_set_of_some_classes_names_folders_by_the_models_label_index(tmp_path, tiny_model, capsys):
+    # sample --classes 7,3 writes class 7 first; DD-Ranking reads the folder index as the label, so the 7s must
+    # land in 00007 and the 3s in 00003, not in 00000 and 00001.
+    src = tmp_path / "set"
+    assert run_cli("sample", "--model", tiny_model, "--ipc", "2", "--steps", "2", "--classes", "7,3",
+                   "--out", src) == 0
+    set_x, set_y, names, _ = read_image_set(src)
+    assert names == ["7", "3"]
+    out = tmp_path / "dd"
+    assert run_cli("export", "--format", "ddranking", "--set", src, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00003", "00007"]
+    assert (out / "CLASS_ORDER.txt").read_text().splitlines()[1:] == ["00007 7 7", "00003 3 3"]
+    ds = open_dataset(str(out), labels="index")
+    x, y = load_tensors(ds)
+    for folder, position in (("00007", 0), ("00003", 1)):  # the set's class 7 is its label 0
+        got = x[y == ds.class_names.index(folder)]
+        assert torch.allclose(got, set_x[set_y == position], atol=1 / 127.5), folder
+    # An export exported again keeps the indices.
+    assert run_cli("export", "--set", out, "--out", tmp_path / "again") == 0
+    assert sorted(p.name for p in (tmp_path / "again").iterdir() if p.is_dir()) == ["00003", "00007"]
+
+
+def test_export_refuses_a_sampled_set_whose_class_indices_are_unknown(tmp_path, capsys):
+    images = torch.zeros(2, 1, 4, 4)
+    src = write_image_set(tmp_path / "set", images, torch.tensor([0, 1]), ["7", "3"], {"stage": "sample"})
+    assert run_cli("export", "--set", src, "--out", tmp_path / "dd") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label index of each folder is unknown" in err[0], err
+    assert not (tmp_path / "dd").exists()

@@ -131,10 +131,10 @@ def test_evaluate_scores_option_stores_and_prints_them(tmp_path, small_set, caps
     from memdistill.cli import main
 
     args = ["evaluate", "--train", str(small_set), "--net", "convnet1", "--epochs", "1", "--repeats", "2",
-            "--full-data-epochs", "1", "--out", str(tmp_path / "ev")]
+            "--out", str(tmp_path / "ev")]
     assert main(args) == 0
     assert "scores" not in json.loads((tmp_path / "ev" / "results.json").read_text())  # opt-in
-    assert main(args + ["--scores", "--ars", "--overwrite"]) == 0
+    assert main(args + ["--scores", "--ars", "--full-data-epochs", "1", "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "HLR (points)" in printed and "LRS" in printed and "ARS" in printed
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -176,3 +176,63 @@ def test_run_scores_every_set_in_its_report(tiny_model, tmp_path, capsys):
     assert results[1]["scores"]["ior"]["mean"] == 0.0
     report = (out / "report.md").read_text()
     assert "### DD-Ranking scores" in report and "| adaptive | 2 | convnet1 |" in report and "on fractions" in report
+
+
+def test_soft_label_scores_follow_ddranking_soft_label_evaluator(tmp_path, monkeypatch):
+    # DD-Ranking's soft-label evaluator: HLR = full data (hard labels) - the set with hard labels; IOR = the set with
+    # soft labels - random real with soft labels. Stubbed training: each accuracy tells which labels trained it.
+    r = refs(tmp_path / "cache")
+    calls = []
+
+    def fake(x, y, tx, ty, k, config):
+        calls.append(config)
+        full = len(x) == len(r.train_ds)
+        best = {(True, "hard"): [90.0, 92.0], (True, "soft"): [99.0, 99.0],
+                (False, "hard"): [30.0, 30.0], (False, "soft"): [50.0, 52.0]}[full, config.labels]
+        return {"per_repeat": [{"best": b} for b in best], "best_mean": sum(best) / 2, "best_std": 0.0, "epochs": 1}
+
+    monkeypatch.setattr(references, "evaluate_repeats", fake)
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"a teacher")
+    soft = replace(TINY, labels="soft", teacher=str(teacher), temperature=4.0, soft_lr=0.002)
+    set_soft = {"per_repeat": [{"best": 70.0}, {"best": 74.0}]}
+    set_hard = {"per_repeat": [{"best": 60.0}, {"best": 62.0}], "best_mean": 61.0, "best_std": 1.4, "epochs": 1}
+    s = score_set(set_soft, r, soft, 2, ScoreConfig(scores=True), hard_result=set_hard)
+    assert s["hlr"]["per_repeat"] == [30.0, 30.0]  # 90 - 60, 92 - 62
+    assert s["ior"]["per_repeat"] == [20.0, 22.0]  # 70 - 50, 74 - 52
+    assert s["set_hard"]["per_repeat"] == [60.0, 62.0] and s["full_data"]["per_repeat"] == [90.0, 92.0]
+    full_config = next(c for c in calls if c.epochs == ScoreConfig().full_data_epochs)
+    assert full_config.labels == "hard" and full_config.teacher is None
+    # The full-data reference is the hard-label one: other soft settings, or hard labels, reuse its cache.
+    before = len(calls)
+    assert r.full_data(replace(soft, temperature=8.0, soft_weight_decay=0.1))["per_repeat"][0]["best"] == 90.0
+    assert r.full_data(TINY)["per_repeat"][0]["best"] == 90.0 and len(calls) == before
+    with pytest.raises(ValueError, match="hard_result"):
+        score_set(set_soft, r, soft, 2, ScoreConfig(scores=True))
+
+
+def test_evaluate_soft_label_scores_take_the_sets_hard_label_accuracy(tmp_path, small_set, monkeypatch):
+    import json
+
+    from memdistill import evaluate
+    from memdistill.cli import main
+
+    monkeypatch.setattr(evaluate, "TEACHER_EPOCHS", 1)  # the plumbing, not the teacher's quality
+    common = ["--train", str(small_set), "--net", "convnet1", "--epochs", "1", "--repeats", "1"]
+    assert main(["evaluate", *common, "--out", str(tmp_path / "hard")]) == 0
+    assert main(["evaluate", *common, "--labels", "soft", "--teacher", "full", "--scores", "--full-data-epochs", "1",
+                 "--out", str(tmp_path / "soft")]) == 0
+    hard = json.loads((tmp_path / "hard" / "results.json").read_text())
+    soft = json.loads((tmp_path / "soft" / "results.json").read_text())
+    s = soft["scores"]
+    assert s["labels"] == "soft" and s["set_hard"]["per_repeat"] == [r["best"] for r in hard["per_repeat"]]
+    assert s["hlr"]["per_repeat"] == [s["full_data"]["per_repeat"][0] - hard["per_repeat"][0]["best"]]
+    # the set is the random selection with the protocol's seed: the (soft-label) random reference is the same set
+    assert s["ior"]["per_repeat"] == [0.0]
+
+
+def test_hard_label_references_are_not_keyed_by_soft_label_settings(tmp_path, trained):
+    r = refs(tmp_path)
+    first = r.random_real(TINY, 2)
+    for student in (dict(temperature=4.0), dict(soft_lr=0.002), dict(soft_weight_decay=0.1)):
+        assert r.random_real(replace(TINY, **student), 2) == first and len(trained) == 1, student

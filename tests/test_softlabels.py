@@ -255,3 +255,27 @@ def test_the_teacher_labels_the_very_batch_the_student_sees(zeros_and_ones, monk
     train_and_test(*zeros_and_ones, 2, config, teacher=teacher)
     assert len(seen["student"]) == len(seen["teacher"]) == 2 * 4  # 60 images in batches of 16, two epochs
     assert all(torch.equal(s, t) for s, t in zip(seen["student"], seen["teacher"]))
+
+
+def test_full_teacher_is_reused_when_only_the_students_settings_change(small_set, tmp_path, monkeypatch):
+    """--temperature, --soft-lr and --soft-weight-decay act on the student only: the saved --teacher full is reused."""
+    from memdistill.cli import main
+
+    monkeypatch.setattr(evaluate, "TEACHER_EPOCHS", 1)
+    common = ["--train", str(small_set), "--net", "convnet1", "--epochs", "1", "--repeats", "1", "--device", "cpu",
+              "--labels", "soft", "--teacher", "full", "--out", str(tmp_path / "a")]
+    assert main(["evaluate", *common]) == 0
+    saved = tmp_path / "a" / "teacher" / "convnet1.safetensors"
+    first = json.loads((tmp_path / "a" / "results.json").read_text())["teacher"]["sha256"]
+    before = saved.stat().st_mtime_ns
+    monkeypatch.setattr(evaluate, "_train", None)  # training a teacher now would fail: it must be reused
+    seen = []  # the teacher each student is labelled by
+
+    def student(*a, **k):
+        seen.append(a[-1].identity["sha256"])
+        return dict(json.loads((tmp_path / "a" / "results.json").read_text()), teacher=a[-1].identity)
+
+    monkeypatch.setattr(evaluate, "evaluate_repeats", student)
+    for extra in (["--temperature", "4"], ["--soft-lr", "0.002"], ["--soft-weight-decay", "0.1"]):
+        assert main(["evaluate", *common, *extra, "--overwrite"]) == 0, extra
+    assert seen == [first] * 3 and saved.stat().st_mtime_ns == before

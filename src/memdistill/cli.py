@@ -178,8 +178,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             noaug = evaluate_image_set(args.train, args.test, without_augmentation(cfg), test_split=args.test_split,
                                        subset=args.subset, resolution=args.resolution,
                                        skip_bad_images=args.skip_bad_images, teacher_dir=Path(args.out) / "teacher")
+        hard = None
+        if cfg.labels == "soft":  # HLR compares hard-label accuracies (references.score_set)
+            hard = evaluate_image_set(args.train, args.test, cfg.with_hard_labels(), test_split=args.test_split,
+                                      subset=args.subset, resolution=args.resolution,
+                                      skip_bad_images=args.skip_bad_images)
         refs = references_for(result, score_cfg, args.subset, args.test_split)
-        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], score_cfg, noaug)
+        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], score_cfg, noaug,
+                                     hard)
     write_json_atomic(Path(args.out) / "results.json", result)
     _print_eval(result, str(result.get("method") or args.train))
     if "scores" in result:
@@ -341,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write an image set in another tool's layout (DD-Ranking)",
-                       description="Write an image set as DD-Ranking reads one: class folders 00000, 00001, ... in "
-                                   "the model's class order, and CLASS_ORDER.txt mapping each index to its class.")
+                       description="Write an image set as DD-Ranking reads one: each class in the folder of its label "
+                                   "index in the model's class list (00000, 00001, ...; a set sampled with --classes "
+                                   "7,3 gives 00007 and 00003), and CLASS_ORDER.txt mapping each index to its class.")
     p.add_argument("--format", default="ddranking", help="output layout: ddranking (default: ddranking)")
     p.add_argument("--set", required=True, help="the image set (from sample or select) or a class-per-folder tree")
     p.add_argument("--out", required=True, help="output folder")

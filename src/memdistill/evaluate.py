@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,23 @@ class EvalConfig:
     temperature: float = TEMPERATURE  # of the soft labels (RDED's, with CutMix)
     soft_lr: float = SOFT_LR  # soft labels train as RDED's student: AdamW at this lr, half-cosine schedule
     soft_weight_decay: float = SOFT_WEIGHT_DECAY  # and this decoupled weight decay
+    # Options that act only with soft labels: typed with hard labels they are refused (options.config_from_args)
+    TYPED_ONLY: ClassVar[tuple[str, ...]] = ("temperature", "soft_lr", "soft_weight_decay")
+
+    def refuse_idle(self, typed: set[str], prefix: str = "") -> None:
+        """UserError naming the option when one of ``typed`` (fields whose option the user gave) would do nothing:
+        the soft-label settings with hard labels."""
+        idle = [name for name in self.TYPED_ONLY if name in typed]
+        if idle and self.labels != "soft":
+            raise UserError(f"{flag(idle[0], prefix)} is used only with {flag('labels', prefix)} soft; with hard "
+                            "labels it would be ignored")
+
+    def with_hard_labels(self) -> "EvalConfig":
+        """This protocol with hard labels: no teacher, and the soft-label settings (temperature, the student's
+        AdamW lr and weight decay) back at their defaults, as they do not act on hard labels, so that a key made
+        from the result (a reference's cache, a --teacher full file) does not change with them."""
+        return replace(self, labels="hard", teacher=None, temperature=TEMPERATURE, soft_lr=SOFT_LR,
+                       soft_weight_decay=SOFT_WEIGHT_DECAY)
 
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
@@ -461,14 +479,17 @@ def full_teacher(data: str, subset: str | None, config: EvalConfig, channels: in
     classes, read at ``resolution``), tested on test_x/test_y (N, C, H, W) in [-1, 1].
 
     It is saved as ``folder``/<net>.safetensors, with the settings it was trained with and its test top-1, and
-    reused from there when they match (a second evaluate can also name that file with --teacher PATH).
+    reused from there when they match (a second evaluate can also name that file with --teacher PATH): only what
+    changes the teacher keys it (data, classes, net, norm, image size, epochs, seed, the hard-label protocol), not
+    the student's soft-label settings.
     Raises UserError when ``folder`` is None or the train split's classes differ from ``class_names``."""
     from .data import load_tensors, open_dataset
 
     if folder is None:
         raise UserError(f"--teacher {FULL} needs an output folder to save the teacher in")
     path = Path(folder) / f"{config.net}.safetensors"
-    train_config = replace(config, labels="hard", teacher=None, epochs=TEACHER_EPOCHS, repeats=1, eval_every=None)
+    # with_hard_labels: the student's settings (--temperature, --soft-lr, ...) neither train nor key the teacher
+    train_config = replace(config.with_hard_labels(), epochs=TEACHER_EPOCHS, repeats=1, eval_every=None)
     settings = {k: v for k, v in asdict(train_config).items() if k not in ("device", "compile", "repeats")}
     meta = {"data": f"{data}:train", "subset": subset, "class_names": list(class_names),
             "num_classes": len(class_names), "channels": channels, "image_size": size, "net": config.net,

@@ -1,6 +1,6 @@
 """Reference accuracies a distilled set is scored against (memdistill.scores), under the set's own protocol:
 
-- full data: classifiers trained on the whole real train split;
+- full data: classifiers trained on the whole real train split, always with hard labels (HLR, see score_set);
 - random real: classifiers trained on a random real subset with the set's IPC (one subset, drawn with the
   protocol's seed as the random baseline of ``run`` draws it; repeats differ by classifier seed).
 
@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -71,6 +71,20 @@ class ScoreConfig:
     lrs_weight: float = DEFAULT_WEIGHT
     ars_lambda: float = DEFAULT_ARS_LAMBDA
     score_scaling: str = "fraction"  # or "points", as DD-Ranking's code
+    # Options that act only with scores: typed without them they are refused (options.config_from_args)
+    TYPED_ONLY: ClassVar[tuple[str, ...]] = ("scores", "reference_data", "references_cache", "full_data_epochs",
+                                             "lrs_weight", "ars_lambda", "score_scaling")
+
+    def refuse_idle(self, typed: set[str], prefix: str = "") -> None:
+        """UserError naming the option when one of ``typed`` (fields whose option the user gave) would do nothing:
+        a score setting without --scores (or --ars), --ars with an explicit --no-scores."""
+        idle = [name for name in self.TYPED_ONLY if name in typed and name != "scores"]
+        if idle and not self.wanted:
+            raise UserError(f"{flag(idle[0], prefix)} is used only with {flag('scores', prefix)}; without it it "
+                            "would be ignored")
+        if self.ars and "scores" in typed and not self.scores:
+            raise UserError(f"{flag('ars', prefix)} computes scores, which {flag('no_scores', prefix)} turns off: give "
+                            "one of them")
 
     @property
     def wanted(self) -> bool:
@@ -132,6 +146,8 @@ class References:
         return self._tensors
 
     def _spec(self, kind: str, config: EvalConfig, **extra) -> dict:
+        if config.labels == "hard":  # the soft-label settings do not act on hard labels: not part of the key
+            config = config.with_hard_labels()
         protocol = {k: v for k, v in asdict(config).items() if k not in _NOT_KEYED}
         if config.labels == "soft":  # a teacher file replaced in place must not reuse the old teacher's references
             from .softlabels import sha256_of
@@ -161,8 +177,10 @@ class References:
 
     def full_data(self, config: EvalConfig, epochs: int = FULL_DATA_EPOCHS) -> dict:
         """evaluate_repeats' result of classifiers trained on the whole train split for ``epochs`` epochs
-        (see the module docstring for the budget), every other setting as ``config``."""
-        config = replace(with_default_flip(config, self.test_name), epochs=epochs)
+        (see the module docstring for the budget) with HARD labels, every other setting as ``config``: HLR
+        compares hard-label accuracies also when the set is evaluated with soft labels (DD-Ranking's soft-label
+        evaluator, ddranking/metrics/soft_label.py), so soft-label settings neither train nor key it."""
+        config = replace(with_default_flip(config.with_hard_labels(), self.test_name), epochs=epochs)
 
         def train() -> dict:
             x, y, tx, ty = self._data()
@@ -209,12 +227,20 @@ def _summary(result: dict) -> dict:
 
 
 def score_set(result: dict, references: References, config: EvalConfig, ipc: int, cfg: ScoreConfig,
-              noaug_result: dict | None = None) -> dict:
+              noaug_result: dict | None = None, hard_result: dict | None = None) -> dict:
     """HLR, IOR, LRS (and ARS when ``noaug_result``, the set evaluated under without_augmentation(config), is
     given) of a set whose evaluate_repeats ``result`` was measured under ``config`` at ``ipc`` images per
     class; see memdistill.scores.score_repeats. Adds "full_data" and "random_real" (best top-1 per repeat, mean,
-    std, epochs) and the reference settings."""
-    if config.labels == "soft" and (result.get("teacher") or {}).get("path"):
+    std, epochs) and the reference settings.
+
+    With soft labels the scores follow DD-Ranking's soft-label evaluator (ddranking/metrics/soft_label.py):
+    HLR = full data (hard labels) - the set with hard labels, from ``hard_result`` (the set evaluated under
+    config.with_hard_labels(), required then: ValueError without it); IOR = the set's soft-label accuracy - the
+    random reference's soft-label accuracy. "set_hard" then reports the set's hard-label accuracy."""
+    soft = config.labels == "soft"
+    if soft and hard_result is None:
+        raise ValueError("soft labels: HLR needs the set's hard-label accuracy (hard_result)")
+    if soft and (result.get("teacher") or {}).get("path"):
         # the references are labelled by the very teacher the set was (--teacher full: the file it was trained into)
         config = replace(config, teacher=result["teacher"]["path"])
     full = references.full_data(config, cfg.full_data_epochs)
@@ -224,9 +250,11 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
         noaug = {"set_noaug": _best(noaug_result),
                  "random_noaug": _best(references.random_real(without_augmentation(config), ipc))}
     scores = score_repeats(_best(result), _best(full), _best(random), cfg.lrs_weight, cfg.score_scaling,
-                           ars_lambda=cfg.ars_lambda, **noaug)
+                           ars_lambda=cfg.ars_lambda, set_hard=_best(hard_result) if soft else None, **noaug)
     scores.update(full_data=_summary(full), random_real=_summary(random), reference_data=references.train_ds.identity,
-                  ipc=ipc)
+                  ipc=ipc, labels=config.labels)
+    if soft:
+        scores["set_hard"] = _summary(hard_result)
     if noaug_result is not None:
         scores["set_noaug"] = _summary(noaug_result)
     return scores

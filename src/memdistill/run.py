@@ -266,4 +266,15 @@ def _score(cfg: RunConfig, out: Path, sets: dict[str, Path], results: list[dict]
                               sets[result["method"]], result["test_data"], without_augmentation(eval_cfg),
                               subset=ft.subset, resolution=None)
                 write_json_atomic(path, noaug)
-        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], cfg.scores, noaug)
+        hard = None
+        if eval_cfg.labels == "soft":  # HLR compares hard-label accuracies (references.score_set)
+            path = out / "eval" / f"{result['method']}-hard.json"
+            if path.is_file():
+                hard = read_json_object(path, EVAL_KEYS, what="delete it to evaluate that set again")
+            else:
+                hard = timed(f"evaluate {result['method']} with hard labels", evaluate_image_set,
+                             sets[result["method"]], result["test_data"], eval_cfg.with_hard_labels(),
+                             subset=ft.subset, resolution=None)
+                write_json_atomic(path, hard)
+        result["scores"] = score_set(result, refs, EvalConfig(**result["config"]), result["ipc"], cfg.scores, noaug,
+                                     hard)

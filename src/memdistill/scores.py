@@ -42,13 +42,16 @@ def check_scaling(scaling: str, option: str = "--score-scaling") -> None:
 
 def hard_label_recovery(full_acc: float, set_acc: float) -> float:
     """HLR = full-data accuracy - the set's hard-label accuracy, in points (lower is better: the accuracy the
-    set fails to recover). DD-Ranking, arXiv 2505.13300."""
+    set fails to recover). DD-Ranking, arXiv 2505.13300. Both accuracies are of classifiers trained with HARD
+    labels, also when the set is evaluated with soft labels (DD-Ranking's soft-label evaluator,
+    ddranking/metrics/soft_label.py: full_data_hard_label_acc - syn_data_hard_label_acc)."""
     return full_acc - set_acc
 
 
 def improvement_over_random(set_acc: float, random_acc: float) -> float:
     """IOR = the set's accuracy - the accuracy of a random real subset of the same IPC, in points (higher is
-    better). DD-Ranking, arXiv 2505.13300."""
+    better), both under the evaluation's labels (with soft labels: syn_data_soft_label_acc -
+    random_data_soft_label_acc, as DD-Ranking's soft-label evaluator). DD-Ranking, arXiv 2505.13300."""
     return set_acc - random_acc
 
 
@@ -93,12 +96,14 @@ def _paired(name: str, values: Sequence[float], n: int) -> list[float]:
 def score_repeats(set_acc: Sequence[float], full_acc: Sequence[float], random_acc: Sequence[float],
                   weight: float = DEFAULT_WEIGHT, scaling: str = "fraction",
                   set_noaug: Sequence[float] | None = None, random_noaug: Sequence[float] | None = None,
-                  ars_lambda: float = DEFAULT_ARS_LAMBDA) -> dict:
+                  ars_lambda: float = DEFAULT_ARS_LAMBDA, set_hard: Sequence[float] | None = None) -> dict:
     """HLR, IOR, LRS and (when both no-augmentation lists are given) ARS per repeat, then mean ± sample std.
 
     Each list holds one top-1 (points) per repeat; repeat r of every list was trained with the same seed, as
     DD-Ranking scores each evaluation round. The lists are with the protocol's augmentation; ``set_noaug`` and
-    ``random_noaug`` without it. Returns {"hlr", "ior", "lrs"[, "ars"]: {mean, std, per_repeat}, "scaling",
+    ``random_noaug`` without it. ``full_acc`` is always of hard labels. With soft labels, ``set_acc`` and
+    ``random_acc`` are the soft-label accuracies (IOR) and ``set_hard`` the set's hard-label accuracies (HLR), as
+    DD-Ranking's soft-label evaluator (ddranking/metrics/soft_label.py) scores; None: ``set_acc`` is hard already. Returns {"hlr", "ior", "lrs"[, "ars"]: {mean, std, per_repeat}, "scaling",
     "weight"[, "ars_lambda"]}. Raises ValueError when the lists differ in length (a caller's bug) and UserError
     for a bad weight, lambda or scaling.
     """
@@ -107,7 +112,8 @@ def score_repeats(set_acc: Sequence[float], full_acc: Sequence[float], random_ac
     if n == 0:
         raise ValueError("no repeats to score")
     s, f, r = (_paired(k, v, n) for k, v in (("set", set_acc), ("full data", full_acc), ("random", random_acc)))
-    hlr = [hard_label_recovery(fi, si) for fi, si in zip(f, s)]
+    h = s if set_hard is None else _paired("set with hard labels", set_hard, n)
+    hlr = [hard_label_recovery(fi, hi) for fi, hi in zip(f, h)]
     ior = [improvement_over_random(si, ri) for si, ri in zip(s, r)]
     result = {"hlr": _spread(hlr), "ior": _spread(ior),
               "lrs": _spread([label_robust_score(h, i, weight, scaling) for h, i in zip(hlr, ior)]),

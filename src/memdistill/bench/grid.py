@@ -58,8 +58,9 @@ def _method_sentence(methods, bench: _Bench) -> str:
     return " ".join(parts)
 
 
-def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int) -> dict:
-    """DD-Ranking's scores of one cell against references under the cell's protocol (trained once, cached)."""
+def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int, hard: dict | None = None) -> dict:
+    """DD-Ranking's scores of one cell against references under the cell's protocol (trained once, cached);
+    ``hard``: the cell's set evaluated with hard labels (needed with soft labels, for HLR)."""
     from ..evaluate import EvalConfig
     from ..references import references_for, score_set
 
@@ -68,7 +69,8 @@ def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int) -> dict:
     if bench.references is None:
         bench.references = references_for(result, bench.cfg.scores, bench.cfg.finetune.subset,
                                           default_data=bench.cfg.finetune.data)
-    return score_set(result, bench.references, EvalConfig(**result["config"]), ipc, bench.cfg.scores)
+    return score_set(result, bench.references, EvalConfig(**result["config"]), ipc, bench.cfg.scores,
+                     hard_result=hard)
 
 
 def _run_grid(bench: _Bench) -> Path:
@@ -91,7 +93,11 @@ def _run_grid(bench: _Bench) -> Path:
                               "labels": result.get("labels", "hard"), "teacher": result.get("teacher"),
                               "temperature": result.get("temperature")})
                 if cfg.scores.wanted:
-                    cells[-1]["scores"] = _cell_scores(bench, result, net, k)
+                    hard = None
+                    if cfg.eval.labels == "soft":  # HLR compares hard-label accuracies (references.score_set)
+                        hard = bench.cell(out / "cells" / f"{label}-hard.json", sets[m, k], net, f"{label} hard",
+                                          hard=True)
+                    cells[-1]["scores"] = _cell_scores(bench, result, net, k, hard)
     metrics = []
     if cfg.metrics:
         for m in methods:
