@@ -91,3 +91,23 @@ def test_guidance_variants_sample_with_their_settings(tiny_model, tmp_path):
     # a window over every timestep is plain guidance, image for image
     assert (window[0] == plain[0]).all()
     assert not (unguided[0] == plain[0]).all()
+
+
+def test_help_and_readme_list_every_lever():
+    """--method's help is generated from the LEVERS registry; the README's bench section names each lever too."""
+    from pathlib import Path
+
+    from memdistill.bench.command import BENCH_HELP
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for lever in LEVERS.values():
+        assert f"+{lever.syntax}" in BENCH_HELP["methods"] and lever.doc in BENCH_HELP["methods"]
+        assert f"`+{lever.syntax}`" in readme
+
+
+@pytest.mark.parametrize("methods", ["dit,dit+cfgint:200,800", "dit+cfgint:200,800,adaptive+cfgint:200,800",
+                                     "dit+cfgint:200"])
+def test_sample_s_comma_interval_in_method_says_to_write_a_dash(methods):
+    with pytest.raises(UserError) as err:
+        BenchConfig(methods=methods).validate()
+    assert "--method" in str(err.value) and "200-800" in str(err.value), str(err.value)

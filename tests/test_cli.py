@@ -217,9 +217,43 @@ def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
     (["bench", "--no-scores", "--score-scaling", "points"], "--score-scaling is used only with --scores"),
     (["evaluate", "--train", "digits", "--ars", "--no-scores"], "--ars computes scores, which --no-scores turns off"),
     (["run", "--no-scores", "--ars"], "--ars computes scores, which --no-scores turns off"),
+    # guidance options that would do nothing: only typed values count
+    (["sample", "--modes", "3"], "--modes applies to mode guidance; without --mode-guidance"),
+    (["sample", "--mode-data", "digits"], "--mode-data applies to mode guidance"),
+    (["sample", "--mode-cache", "cache"], "--mode-cache applies to mode guidance"),
+    (["sample", "--mode-stop", "0.5"], "--mode-stop applies to mode guidance"),
+    (["sample", "--mode-guidance", "0", "--modes", "3"], "--modes applies to mode guidance"),
+    (["sample", "--cfg-scale", "1", "--cfg-schedule", "linear"], "--cfg-schedule linear ramps the guidance scale; "
+                                                                 "with --cfg-scale 1"),
+    (["sample", "--cfg-scale", "1", "--cfg-schedule", "cosine"], "--cfg-schedule cosine ramps"),
+    (["sample", "--cfg-scale", "1", "--cfg-interval", "200,800"], "--cfg-interval limits guidance to a window; with "
+                                                                  "--cfg-scale 1"),
+    (["sample", "--cfg-interval", "300,300"], "--cfg-interval 300,300 is an empty window"),
+    (["run", "--sample-modes", "3"], "--sample-modes applies to mode guidance; without --sample-mode-guidance"),
+    (["run", "--sample-cfg-scale", "1", "--sample-cfg-interval", "0,500"], "--sample-cfg-interval limits guidance"),
 ])
 def test_options_that_would_be_ignored_or_unnamed_are_refused(capsys, tmp_path, args, match):
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert match in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["--cfg-scale", "1", "--cfg-schedule", "constant"],  # the default schedule: nothing to ignore
+    ["--cfg-scale", "1", "--mode-guidance", "0.5", "--modes", "2", "--mode-data", "digits"],
+    ["--mode-guidance", "0.5", "--mode-stop", "0.3", "--mode-data", "digits"],
+    ["--cfg-interval", "200,800", "--cfg-schedule", "linear"],
+])
+def test_guidance_options_that_act_are_accepted(args, tiny_model, tmp_path):
+    assert main(["sample", "--model", str(tiny_model), "--ipc", "1", "--steps", "2", "--classes", "0", "--device",
+                 "cpu", *args, "--out", str(tmp_path / "o")]) == 0
+
+
+def test_bench_guidance_variants_stay_valid_under_the_typed_option_checks():
+    """variant_overrides builds combinations (e.g. an interval checked against the neutral scale 1) that the
+    checks of typed options must not refuse: they are not typed."""
+    from memdistill.guidance import variant_overrides
+
+    assert variant_overrides("cfgint:200,800") == {"cfg_interval": "200,800"}
+    assert variant_overrides("modes:0.2:0.5:3")["modes"] == 3

@@ -159,3 +159,17 @@ def test_a_damaged_padding_record_is_a_user_error(tmp_path, record):
     (folder / PADDING_FILE).write_text(record)
     with pytest.raises(UserError, match="invalid padding record"):
         VAECodec(folder)
+
+
+def test_the_padding_record_is_part_of_the_vae_identity(tmp_path):
+    """Editing memdistill_padding.json in place changes how images are encoded, so it must change the identity
+    that keys the latent and mode caches (and that exports record)."""
+    from memdistill.codec import cache_key
+    from memdistill.data import TensorImageDataset
+
+    folder = _padded_vae(tmp_path / "vae", image_size=6, pad_to=8)
+    ds = TensorImageDataset(torch.zeros(2, 1, 6, 6), torch.tensor([0, 1]), ["a", "b"], identity="toy:train")
+    before, key = VAECodec(folder).identity(), cache_key(VAECodec(folder), ds)
+    (folder / PADDING_FILE).write_text(json.dumps({"image_size": 6, "pad_to": 12}))
+    assert VAECodec(folder).identity() != before
+    assert cache_key(VAECodec(folder), ds) != key

@@ -127,6 +127,7 @@ class VAECodec(Codec):
             shift = cfg.get("shift_factor")
             self.shift_factor = float(shift) if shift is not None else 0.0
             self.latent_channels = int(cfg.get("latent_channels", 4))
+            self.image_channels = int(cfg.get("out_channels", 3))  # channels of the images it decodes to
             self.downsample = 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)
         except (TypeError, ValueError) as e:
             raise UserError(f"{config_file}: invalid AutoencoderKL config ({e})") from None
@@ -218,16 +219,41 @@ class VAECodec(Codec):
         return {"name": self.name, "path": self.shipped or str(self.path)}
 
     def identity(self) -> dict:
-        """The config, the folder's config.json text and each weights file's name, size and modification time:
-        weights retrained or replaced in place give another identity without reading hundreds of MB."""
+        """The config, the sha256 of the folder's config.json and of its padding record (PADDING_FILE; None
+        without one), and each weights file's name, size and modification time: weights retrained or replaced in
+        place give another identity without reading hundreds of MB. A shipped VAE's weights are identified by
+        their sha256 instead (a few MB), which, unlike a modification time, is the same on every installation."""
         folder = self.folder / (self.subfolder or "")
         files = []
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".ckpt"):
                 st = path.stat()
-                files.append([path.name, st.st_size, st.st_mtime_ns])
-        config = (folder / "config.json").read_text(encoding="utf-8")
-        return {**self.config(), "config_sha256": hashlib.sha256(config.encode()).hexdigest(), "weights": files}
+                files.append([path.name, st.st_size, _sha256(path) if self.shipped else st.st_mtime_ns])
+        padding = folder / PADDING_FILE
+        return {**self.config(), "config_sha256": _sha256(folder / "config.json"),
+                "padding_sha256": _sha256(padding) if padding.is_file() else None, "weights": files}
+
+
+# What VAECodec.identity records beside the config: compared to tell whether a recorded VAE changed since.
+IDENTITY_KEYS = ("config_sha256", "padding_sha256", "weights")
+
+
+def _sha256(path: Path) -> str:
+    """Hex sha256 of the file ``path``, read in 1 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_latents_fit(codec: str, latent_shape: tuple[int, ...], model_shape: tuple[int, ...], model: str,
+                      hint: str) -> None:
+    """Refuse (UserError, one line) latents of ``latent_shape`` (C, h, w), as the ``codec`` (its description,
+    e.g. "vae") gives them, for a DiT ``model`` that works on ``model_shape``; ``hint`` says how to proceed."""
+    if tuple(latent_shape) != tuple(model_shape):
+        raise UserError(f"the {codec} codec gives latents of shape {tuple(latent_shape)} but the model {model} "
+                        f"expects {tuple(model_shape)}; {hint}")
 
 
 def _read_padding(path: Path) -> tuple[int | None, int | None]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .codec import check_latents_fit
 from .errors import UserError
 from .devices import dist_setup
 from .train import TrainConfig, TrainData, load_train_data, run_training
@@ -47,9 +48,7 @@ def load_init_model(cfg: TrainConfig, data: TrainData) -> torch.nn.Module:
     model = load_dit(resolve_model(cfg.init))
     latent_shape = data.latent_shape
     model_shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
-    if latent_shape != model_shape:
-        raise UserError(f"the {cfg.codec} codec gives latents of shape {latent_shape} but the model {cfg.init} expects "
-                        f"{model_shape}; choose a matching codec/--resolution or model")
+    check_latents_fit(cfg.codec, latent_shape, model_shape, cfg.init, "choose a matching codec/--resolution or model")
     # Now that the model's class count is known: a 1000-class ImageNet model refuses non-wnid names under
     # --labels auto rather than tuning towards whatever ImageNet classes 0..K-1 happen to be.
     label_mapping(data.class_names, cfg.labels, model.config.num_classes)

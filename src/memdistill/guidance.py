@@ -222,6 +222,30 @@ def validate_guidance(cfg, prefix: str = "") -> None:
     require_int(flag("modes", prefix), cfg.modes, low=1, optional=True)
 
 
+def refuse_ignored_guidance(value: Callable[[str], object], given: set[str], prefix: str = "") -> None:
+    """Refuse guidance options typed on the command line (the fields in ``given``) that would do nothing: the mode
+    options without mode guidance, a --cfg-schedule ramp or a --cfg-interval without guidance (--cfg-scale 1),
+    and an empty --cfg-interval a,a. ``value(field)`` is the option's value. Defaults never count, nor do the
+    settings that bench variants (variant_overrides) build. Raises UserError naming the option."""
+    if value("mode_guidance") == 0:
+        for name in ("modes", "mode_data", "mode_cache", "mode_stop"):
+            if name in given:
+                raise UserError(f"{flag(name, prefix)} applies to mode guidance; without {flag('mode_guidance', prefix)} "
+                                "(a strength above 0) it would be ignored")
+    interval = parse_interval(value("cfg_interval"), flag("cfg_interval", prefix)) if "cfg_interval" in given else None
+    if value("cfg_scale") == 1:
+        if value("cfg_schedule") != "constant" and "cfg_schedule" in given:
+            raise UserError(f"{flag('cfg_schedule', prefix)} {value('cfg_schedule')} ramps the guidance scale; with "
+                            f"{flag('cfg_scale', prefix)} 1 (no guidance) it would be ignored")
+        if interval is not None:
+            raise UserError(f"{flag('cfg_interval', prefix)} limits guidance to a window; with "
+                            f"{flag('cfg_scale', prefix)} 1 (no guidance) it would be ignored")
+    if interval is not None and interval[0] == interval[1]:
+        raise UserError(f"{flag('cfg_interval', prefix)} {value('cfg_interval')} is an empty window (a <= t < b "
+                        f"with a = b): no timestep would be guided; give a < b, or {flag('cfg_scale', prefix)} 1 for no "
+                        "guidance")
+
+
 # ----- bench variants ------------------------------------------------------------------------------------
 VARIANTS = {
     "modes": "modes:STRENGTH[:STOP[:K]] (mode guidance)",

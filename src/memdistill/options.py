@@ -32,6 +32,32 @@ def _optional(base: type) -> Callable[[str], Any]:
     return parse
 
 
+# The namespace attribute that lists the options typed on the command line (see given_fields).
+GIVEN = "_given"
+
+
+def _recording(action: type[argparse.Action]) -> type[argparse.Action]:
+    """``action`` that also notes its dest in the namespace's GIVEN set: a value typed explicitly can then be told
+    from a default, e.g. to refuse an option that would do nothing (guidance.refuse_ignored_guidance)."""
+    class Recorded(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            setattr(namespace, GIVEN, set(getattr(namespace, GIVEN, ())) | {self.dest})
+
+    Recorded.__name__ = f"Recorded{action.__name__}"
+    return Recorded
+
+
+_STORE, _BOOL = _recording(argparse._StoreAction), _recording(argparse.BooleanOptionalAction)
+
+
+def given_fields(args: argparse.Namespace, prefix: str = "") -> set[str]:
+    """The config fields whose options were typed on the command line (by add_config_args's options), without
+    ``prefix`` ("sample" for run's --sample-* options)."""
+    head = f"{prefix}_" if prefix else ""
+    return {d[len(head):] for d in getattr(args, GIVEN, ()) if d.startswith(head)}
+
+
 def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[str] = frozenset(),
                     help: dict[str, str] | None = None, prefix: str = "", flags: dict[str, str] | None = None
                     ) -> None:
@@ -52,10 +78,10 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
         text = help.get(f.name, "")
         if base is bool:
             state = {True: "on", False: "off"}.get(default)
-            kwargs: dict[str, Any] = dict(action=argparse.BooleanOptionalAction,
+            kwargs: dict[str, Any] = dict(action=_BOOL,
                                           help=text if "(default:" in text or state is None else f"{text} (default: {state})")
         else:
-            kwargs = dict(type=_optional(base) if optional else base, metavar=base.__name__.upper(),
+            kwargs = dict(action=_STORE, type=_optional(base) if optional else base, metavar=base.__name__.upper(),
                           help=text if "(default:" in text else
                           f"{text} (default: {'none' if default is None else default})".strip())
         # --steps and --epochs of a training config, and a config's TYPED_ONLY options: left unset when not given,
@@ -294,7 +320,8 @@ def _input_paths(args: argparse.Namespace) -> dict[str, str]:
 
 def check_command(args: argparse.Namespace) -> None:
     """What every command checks before its stage starts (UserError, one line, naming the option):
-    every seed in 0..SEED_MAX; --latent-cache and --out folders that can be written (see
+    every seed in 0..SEED_MAX; sample's (and run's --sample-*) guidance options typed where they would do nothing
+    (guidance.refuse_ignored_guidance); --latent-cache and --out folders that can be written (see
     manifest.check_output_folder); --out neither an input, nor
     inside one, nor (except for evaluate, which writes only results.json) holding one."""
     from .manifest import check_output_folder, refuse_out_over_inputs
@@ -302,6 +329,12 @@ def check_command(args: argparse.Namespace) -> None:
     for name, value in sorted(vars(args).items()):
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value <= SEED_MAX:
             raise UserError(f"--{name.replace('_', '-')} must be an integer from 0 to {SEED_MAX}, got {value}")
+    if args.command in ("sample", "run"):
+        from .guidance import refuse_ignored_guidance
+
+        prefix = "sample" if args.command == "run" else ""
+        refuse_ignored_guidance(lambda name: getattr(args, f"{prefix}_{name}" if prefix else name),
+                                given_fields(args, prefix), prefix + "-" if prefix else "")
     if getattr(args, "latent_cache", None):
         check_output_folder(args.latent_cache, "--latent-cache")
     if getattr(args, "out", None) is not None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checks import flag, require_finite, require_int
-from .codec import Codec, make_codec
+from .codec import IDENTITY_KEYS, Codec, check_latents_fit, make_codec
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, SAMPLERS, GaussianDiffusion, image_generator
 from .errors import UserError
@@ -266,6 +266,38 @@ def _check_export_fields(path: Path, cfg: dict) -> None:
             raise UserError(f"{path}: {key!r} must be {shape}, got {cfg[key]!r:.80}")
 
 
+def _check_vae_fits(codec, image_shape: tuple[int, int, int], latent_shape: tuple[int, int, int],
+                    cfg: SampleConfig, recorded: dict) -> None:
+    """Refuse, before any sampling, a VAE whose latents of the export's ``image_shape`` (C, H, W) images are not the
+    model's ``latent_shape``, or that decodes to other channels: it would decode to images of another shape than the
+    set's. One line naming --vae (or the VAE the export records, when --vae is not given) and both shapes."""
+    vae = f"--vae {cfg.vae}" if cfg.vae is not None else f"the VAE {recorded.get('path')} that the export records"
+    hint = (f"give the --vae the model was trained with ({recorded.get('path')}), or leave --vae out"
+            if cfg.vae is not None else "give a --vae that matches the model")
+    if codec.image_channels != image_shape[0]:
+        raise UserError(f"{vae} decodes {codec.image_channels}-channel images but the model {cfg.model} makes images "
+                        f"of shape {tuple(image_shape)}; {hint}")
+    try:
+        shape = codec.latent_shape(image_shape)
+    except UserError as e:
+        raise UserError(f"{vae}: {e}; {hint}") from None
+    check_latents_fit(f"vae ({vae})", shape, latent_shape, cfg.model, hint)
+
+
+def _check_vae_unchanged(codec, recorded: dict, model: str) -> None:
+    """Refuse the VAE that an export records when its files (config, padding record, weights; see
+    VAECodec.identity) differ from what the export recorded at training time: it would decode the model's latents
+    differently. Exports that record no identity (older ones) are not checked; an explicit --vae is taken as is."""
+    if not all(key in recorded for key in IDENTITY_KEYS):
+        return
+    now = codec.identity()
+    changed = [key.split("_")[0] for key in IDENTITY_KEYS if now.get(key) != recorded[key]]
+    if changed:
+        raise UserError(f"the VAE {recorded.get('path')} changed since the model {model} was trained (its "
+                        f"{', '.join(changed)} differ): its latents may decode differently; pass --vae "
+                        f"{recorded.get('path')} to sample with it anyway, or train the model again on it")
+
+
 def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampler:
     """Load the model behind cfg.model (an export's EMA weights) with its codec and class list."""
     from .data import conditioning_labels, resolve_classes
@@ -320,6 +352,8 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
     codec = make_codec(codec_cfg["name"], codec_cfg.get("path"), device=device, batch_size=cfg.vae_batch_size)
     if hasattr(codec, "load"):
         codec.load()  # a damaged VAE folder fails now, not after the first batch has been sampled
+    if image_shape is not None and codec.name != "pixel":
+        _check_vae_fits(codec, image_shape, latent_shape, cfg, export_cfg.get("codec") or {})
     if image_shape is None:
         if codec.name == "pixel":
             image_shape = latent_shape
@@ -328,6 +362,8 @@ def load_sampler(cfg: SampleConfig, device: torch.device | None = None) -> Sampl
             if codec.latent_channels != model.in_channels:
                 raise UserError(f"the VAE has {codec.latent_channels} latent channels, the DiT {model.in_channels}")
             image_shape = (3, latent_shape[1] * f, latent_shape[2] * f)
+    if export_cfg is not None and cfg.vae is None and codec.name == "vae":
+        _check_vae_unchanged(codec, export_cfg.get("codec") or {}, cfg.model)
     source["codec"] = codec.config()
     return Sampler(model.to(device).eval(), codec, class_names, cond_labels, tuple(latent_shape),
                    tuple(int(s) for s in image_shape), device, source)

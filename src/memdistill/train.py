@@ -256,7 +256,7 @@ class TrainData:
     class_names: list[str]
     cond_labels: list[int]  # the model's class index of each label
     identity: str
-    codec_config: dict
+    codec_config: dict  # codec.identity(): the config and, for a VAE, what its files were (sample compares them)
     image_shape: tuple[int, ...]
     label_mapping: str = "index"  # how class_names became cond_labels: "imagenet" or "index"
 
@@ -297,7 +297,7 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     else:
         posterior, targets = encode_dataset(codec, ds, cache, flip=flip)
     return TrainData(posterior, targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
-                     ds.identity, codec.config(), (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
+                     ds.identity, codec.identity(), (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
 
 
 def _encode_on_rank0(codec, ds, cache: Path | None, flip: bool, rank: int, device: torch.device

@@ -11,7 +11,7 @@ from ..evaluate import EvalConfig, labels_line
 from ..references import ScoreConfig
 from ..sample import SampleConfig
 from ..train import TrainConfig
-from .config import METHODS, BenchConfig
+from .config import METHODS, BenchConfig, lever_help
 from .run import run_bench
 from .tables import accuracy_table
 
@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 # ----- command line ------------------------------------------------------------------------------------------
 BENCH_HELP = {
     "methods": f"methods, comma-separated: {', '.join(METHODS)}; also finetune (the same fine-tuning without "
-               "memory losses, a control); a sampled method takes levers as variants METHOD+select:RULE[:F] (keep "
-               "IPC of ceil(F x IPC) candidates per class by RULE, F default 4; one pool per method and F serves "
-               "every rule), e.g. adaptive+select:confident,dit+select:kcenter:4",
+               "memory losses, a control); a sampled method takes levers as variants METHOD+LEVER[+LEVER...]: "
+               f"{lever_help()}; e.g. adaptive+select:confident,dit+cfgint:200-800+select:kcenter:4",
     "ipcs": "images per class, comma-separated",
     "nets": "evaluation nets (convnetD, resnetap10, resnet18), comma-separated",
     "repeats": "classifiers trained per cell, each with its own seed",

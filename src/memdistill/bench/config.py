@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,6 +14,7 @@ from ..evaluate import EvalConfig
 from ..finetune import finetune_defaults
 from ..references import ScoreConfig
 from ..sample import SampleConfig
+from ..selection import RULES
 from ..train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,6 @@ DEFAULT_POOL = 4.0  # the over-generation factor F of +select when none is given
 
 
 def _select_args(args: list[str]) -> dict:
-    from ..selection import RULES
-
     if not 1 <= len(args) <= 2:
         raise UserError(f"+select takes a rule and optionally a pool factor (select:RULE[:F]), got {':'.join(args)!r}")
     if args[0] not in RULES:
@@ -57,27 +57,44 @@ class Lever:
     parse: Callable[[list[str]], dict]
     label: Callable[[dict], str]
     syntax: str
+    doc: str  # what it does, for --help (see lever_help)
 
 
-def _guidance_lever(name: str, syntax: str, label: Callable[[dict], str]) -> Lever:
+# --method is a comma-separated list, so the bench spells an interval A-B where sample takes A,B
+INTERVAL_HINT = "write the interval as A-B in --method (e.g. dit+cfgint:200-800), whose entries are comma-separated"
+
+
+def _guidance_lever(name: str, syntax: str, label: Callable[[dict], str], doc: str) -> Lever:
     """A sampling-guidance lever: its settings are SampleConfig overrides (guidance.variant_overrides)."""
     from ..guidance import variant_overrides
 
     def parse(args: list[str]) -> dict:
-        # --method is a comma-separated list, so the bench spells an interval A-B where sample takes A,B
+        if name == "cfgint" and len(args) == 1 and "-" not in args[0]:
+            raise UserError(f"+cfgint takes an interval A-B, got {args[0]!r}: {INTERVAL_HINT}")
         return variant_overrides(":".join([name, *(a.replace("-", ",") if name == "cfgint" else a for a in args)]))
 
-    return Lever(parse, label, syntax)
+    return Lever(parse, label, syntax, doc)
 
 
 LEVERS: dict[str, Lever] = {
-    "select": Lever(_select_args, lambda a: f"select {a['rule']} (pool {a['pool']:g}x)", "select:RULE[:F]"),
+    "select": Lever(_select_args, lambda a: f"select {a['rule']} (pool {a['pool']:g}x)", "select:RULE[:F]",
+                    f"keep IPC of ceil(F x IPC) candidates per class by RULE, one of {', '.join(RULES)}; F default "
+                    f"{DEFAULT_POOL:g}; one pool per method and F serves every rule"),
     "modes": _guidance_lever("modes", "modes:S[:F[:K]]", lambda a: "modes {:g}".format(a["mode_guidance"]) + (
-        " until {:g}".format(a["mode_stop"]) if "mode_stop" in a else "") + (f" k={a['modes']}" if "modes" in a else "")),
-    "cfgint": _guidance_lever("cfgint", "cfgint:A-B", lambda a: "CFG in [{})".format(a["cfg_interval"])),
-    "cfgsched": _guidance_lever("cfgsched", "cfgsched:linear|cosine", lambda a: f"CFG {a['cfg_schedule']}"),
-    "cfg": _guidance_lever("cfg", "cfg:W", lambda a: "CFG {:g}".format(a["cfg_scale"])),
+        " until {:g}".format(a["mode_stop"]) if "mode_stop" in a else "") + (f" k={a['modes']}" if "modes" in a else ""),
+        "mode guidance of strength S, 0 to 1, for the first fraction F of the trajectory, 0.5 unless given, "
+        "towards K modes per class, IPC unless given"),
+    "cfgint": _guidance_lever("cfgint", "cfgint:A-B", lambda a: "CFG in [{})".format(a["cfg_interval"]),
+                              "classifier-free guidance only at timesteps A <= t < B of 0 to 1000"),
+    "cfgsched": _guidance_lever("cfgsched", "cfgsched:linear|cosine", lambda a: f"CFG {a['cfg_schedule']}",
+                                "the guidance scale ramps from 1 at pure noise up to the scale at the clean end"),
+    "cfg": _guidance_lever("cfg", "cfg:W", lambda a: "CFG {:g}".format(a["cfg_scale"]), "guidance scale W"),
 }
+
+
+def lever_help() -> str:
+    """Every lever of LEVERS as "+SYNTAX (what it does)", for --method's help."""
+    return "; ".join(f"+{lever.syntax} ({lever.doc})" for lever in LEVERS.values())
 # Levers that change how each image is sampled (the others, select, choose among sampled images).
 GUIDANCE_LEVERS = ("modes", "cfgint", "cfgsched", "cfg")
 
@@ -172,6 +189,10 @@ class BenchConfig:
 
     def method_list(self) -> list[str]:
         """The --method entries: base methods and variants METHOD+LEVER[:ARGS] (see parse_method), each checked."""
+        comma = re.search(r"cfgint:([\d.]+),([\d.]+)(?=$|[,+])", str(self.methods).replace(" ", ""))
+        if comma:  # sample's A,B form: the list split it into two entries
+            raise UserError(f"--method: +cfgint:{comma[1]},{comma[2]} splits the method list at its comma; write "
+                            f"+cfgint:{comma[1]}-{comma[2]} ({INTERVAL_HINT})")
         names = _split(self.methods, "method", str)
         if not names:
             raise UserError(f"--method is empty; allowed: {', '.join(METHODS + EXTRA_METHODS)}")
