@@ -81,6 +81,12 @@ def cfg(model, **kw):
                                   judge_net="convnet1", judge_epochs=1), **kw})
 
 
+def from_pool(kept, **kw):
+    """Selection from a kept pool: no sampling option, since nothing is sampled."""
+    return SampleConfig(**{**dict(from_pool=str(kept), ipc=2, seed=0, device="cpu", judge_data="digits",
+                                  judge_net="convnet1", judge_epochs=1), **kw})
+
+
 def pixels(folder):
     x, y, _, m = read_image_set(folder)
     return to_uint8(x).int(), y, m
@@ -113,7 +119,7 @@ def test_pool_is_batch_independent_and_its_prefix_is_the_plain_set(tiny_model, t
 def test_rules_compared_on_one_kept_pool(tiny_model, tmp_path):
     pool = tmp_path / "pool"
     sample_set(cfg(tiny_model, pool=2, select="kcenter", keep_pool=str(pool)), tmp_path / "kc")
-    again = sample_set(cfg(tiny_model, from_pool=str(pool), select="kcenter", judge_cache=str(tmp_path / "jc")),
+    again = sample_set(from_pool(pool, select="kcenter", judge_cache=str(tmp_path / "jc")),
                        tmp_path / "kc2")
     a, _, ma = pixels(tmp_path / "kc")
     b, _, mb = pixels(again)
@@ -122,7 +128,7 @@ def test_rules_compared_on_one_kept_pool(tiny_model, tmp_path):
     assert judge["data"] == "digits:train" and judge["net"] == "convnet1" and judge["epochs"] == 1
     assert judge["file"] == str(tmp_path / "jc" / f"{judge['key']}.pt")  # --judge-cache
     for rule in ("herding", "confident", "difficulty"):
-        m = pixels(sample_set(cfg(tiny_model, from_pool=str(pool), select=rule), tmp_path / rule))[2]
+        m = pixels(sample_set(from_pool(pool, select=rule), tmp_path / rule))[2]
         assert m["selection"]["rule"] == rule and m["selection"]["judge"]["key"] == judge["key"]
         assert all(len(k) == 2 and max(k) < 4 for k in m["selection"]["kept"])
 
@@ -143,7 +149,7 @@ def test_confident_through_a_pool_keeps_the_stub_judges_favourites(tiny_model, t
             return p
 
     monkeypatch.setattr(selection, "_judge_for", lambda *a, **k: (Stub([]), {}))
-    m = pixels(sample_set(cfg(tiny_model, from_pool=str(pool), select="confident"), tmp_path / "c"))[2]
+    m = pixels(sample_set(from_pool(pool, select="confident"), tmp_path / "c"))[2]
     # scores of candidates 0..3: 0, 0.75, 0.5, 0.25
     assert m["selection"]["kept"] == [[1, 2]] * 3 and m["selection"]["judge"] == {"stub": True}
 
@@ -189,3 +195,126 @@ def test_run_takes_the_pool_and_rule_as_sample_options():
     assert (sample.pool, sample.select) == (3.0, "kcenter")
     with pytest.raises(UserError, match="--sample-pool needs a selection rule: give --sample-select"):
         RunConfig(sample=SampleConfig(pool=2)).validate()
+
+
+# ----- options checked before anything is sampled ----------------------------------------------------------------
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Sampling a single image fails the test: the checks under test must come first."""
+    from memdistill.diffusion import GaussianDiffusion
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was sampled before the options were refused")
+
+    monkeypatch.setattr(GaussianDiffusion, "sample", refuse)
+
+
+def files(folder):
+    return sorted((p.relative_to(folder), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["model", "inside the model", "holding the model"])
+def test_keep_pool_over_the_model_is_refused_and_the_model_kept(tiny_model, tmp_path, capsys, no_sampling, where):
+    keep = {"model": tiny_model, "inside the model": tiny_model / "pool", "holding the model": tiny_model.parent}[where]
+    before = files(tiny_model.parent)
+    assert main(["sample", "--model", str(tiny_model), "--keep-pool", str(keep), "--select", "random", "--pool", "2",
+                 "--out", str(tmp_path / "s"), "--overwrite"]) == 2
+    one_line_error(capsys, f"--keep-pool {keep}", "--model input", "choose another --keep-pool")
+    assert files(tiny_model.parent) == before and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--judge-data", "--mode-data"])
+def test_keep_pool_over_other_inputs_is_refused(tiny_model, tmp_path, capsys, no_sampling, option):
+    data = tmp_path / "data"
+    (data / "0").mkdir(parents=True)
+    extra = ["--mode-guidance", "0.5"] if option == "--mode-data" else []
+    assert main(["sample", "--model", str(tiny_model), "--keep-pool", str(data), "--select", "random", "--pool", "2",
+                 option, str(data), *extra, "--out", str(tmp_path / "s"), "--overwrite"]) == 2
+    one_line_error(capsys, f"--keep-pool {data} is the {option} input")
+
+
+def test_an_existing_keep_pool_folder_needs_overwrite(tiny_model, tmp_path, capsys, no_sampling):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "todo.txt").write_text("mine")
+    assert main(["sample", "--model", str(tiny_model), "--keep-pool", str(keep), "--select", "random", "--pool", "2",
+                 "--out", str(tmp_path / "s")]) == 2
+    one_line_error(capsys, f"{keep} already exists", "--overwrite")
+    assert (keep / "todo.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("keep, out, why", [("s2", "s2", "is"), ("s4pool/inner", "s4pool", "lies inside"),
+                                            ("s5", "s5/inner", "holds")])
+def test_keep_pool_and_out_must_be_apart(tiny_model, tmp_path, capsys, no_sampling, keep, out, why):
+    assert main(["sample", "--model", str(tiny_model), "--keep-pool", str(tmp_path / keep), "--select", "random",
+                 "--pool", "2", "--out", str(tmp_path / out)]) == 2
+    one_line_error(capsys, f"--keep-pool {tmp_path / keep} {why} --out", "choose another --keep-pool")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--judge-data", "no-such-data"], ["no-such-data"]),
+    (["--judge-data", "digits", "--judge-net", "convnetX"], ["--judge-net", "convnetX"]),
+    (["--judge-data", "digits", "--judge-cache", "FILE"], ["--judge-cache"]),
+    (["--judge-data", "digits", "--mode-guidance", "0.5", "--mode-data", "no-such-modes"], ["no-such-modes"]),
+])
+def test_what_the_judge_needs_is_checked_before_sampling(tiny_model, tmp_path, capsys, no_sampling, args, words):
+    (tmp_path / "file").write_text("x")
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    assert main(["sample", "--model", str(tiny_model), "--ipc", "1", "--pool", "2", "--select", "confident", *args,
+                 "--out", str(tmp_path / "s")]) == 2
+    one_line_error(capsys, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ----- --from-pool: --pool takes effect, sampling options are refused ----------------------------------------------
+def test_from_pool_honours_pool_and_the_manifest_agrees(tiny_model, tmp_path):
+    pool = tmp_path / "pool"
+    sample_set(cfg(tiny_model, pool=3, select="random", keep_pool=str(pool), classes="0,1"), tmp_path / "r")
+    whole = pixels(sample_set(from_pool(pool, select="random"), tmp_path / "all"))[2]
+    assert whole["selection"]["pool_size"] == 6
+    assert whole["selection"]["pool_factor"] == whole["config"]["pool"] == 3
+    part = pixels(sample_set(from_pool(pool, select="random", pool=1.5), tmp_path / "part"))[2]
+    assert part["selection"]["pool_size"] == 3 and all(max(k) < 3 for k in part["selection"]["kept"])
+    assert part["selection"]["pool_factor"] == part["config"]["pool"] == 1.5
+    sampled = pixels(tmp_path / "r")[2]
+    assert sampled["selection"]["pool_factor"] == sampled["config"]["pool"] == 3
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--cfg-scale", "2"], "--cfg-scale"), (["--steps", "7"], "--steps"), (["--model", "MODEL"], "--model"),
+    (["--cfg-interval", "0,500"], "--cfg-interval"), (["--mode-guidance", "0.3"], "--mode-guidance"),
+    (["--classes", "0"], "--classes"),
+])
+def test_from_pool_refuses_sampling_options(tiny_model, tmp_path, capsys, args, option):
+    pool = tmp_path / "pool"
+    sample_set(cfg(tiny_model, pool=2, select="random", keep_pool=str(pool), ipc=1, classes="0,1"), tmp_path / "r")
+    args = [str(tiny_model) if a == "MODEL" else a for a in args]
+    assert main(["sample", "--from-pool", str(pool), "--select", "random", "--ipc", "1", *args,
+                 "--out", str(tmp_path / "s")]) == 2
+    one_line_error(capsys, option, "--from-pool")
+    assert not (tmp_path / "s").exists()
+
+
+def test_from_pool_smaller_than_the_asked_pool_is_refused(tiny_model, tmp_path, capsys):
+    pool = tmp_path / "pool"
+    sample_set(cfg(tiny_model, pool=2, select="random", keep_pool=str(pool), ipc=1, classes="0"), tmp_path / "r")
+    assert main(["sample", "--from-pool", str(pool), "--select", "random", "--ipc", "1", "--pool", "3",
+                 "--out", str(tmp_path / "s")]) == 2
+    one_line_error(capsys, "holds 2 candidates", "from 3")
+
+
+# ----- a rule needs a pool larger than --ipc ----------------------------------------------------------------------
+@pytest.mark.parametrize("args", [[], ["--pool", "1"], ["--pool", "1.0000000001"]])
+def test_a_rule_without_a_larger_pool_is_refused(tmp_path, capsys, args):
+    assert main(["sample", "--select", "confident", *args, "--out", str(tmp_path / "s")]) == 2
+    one_line_error(capsys, "--pool F > 1")
+    assert list(tmp_path.iterdir()) == []

@@ -200,26 +200,35 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
-def refuse_out_over_inputs(out: str | Path, inputs: dict[str, str | Path], contained_ok: bool = False) -> None:
+def folder_relation(a: str | Path, b: str | Path) -> str | None:
+    """How folder ``a`` overlaps folder ``b``: "is" (one folder), "inside" (a lies inside b), "holds" (b lies
+    inside a) or None. Paths are compared resolved (relative forms, "~", symlinks), so two spellings of one
+    folder are one folder."""
+    a = Path(os.path.expanduser(str(a))).resolve()
+    b = Path(os.path.expanduser(str(b))).resolve()
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "inside"
+    return "holds" if a in b.parents else None
+
+
+def refuse_out_over_inputs(out: str | Path, inputs: dict[str, str | Path], contained_ok: bool = False,
+                           option: str = "--out") -> None:
     """Refuse, before any work, an output folder that overlaps an input: ``out`` equal to an input, lying
     inside one (the stage would write into the input), or, unless ``contained_ok``, holding one (replacing or
-    writing ``out`` would destroy or pollute the input). ``inputs`` maps an option ("--data") to its path; paths
-    are compared resolved (relative forms, "~", symlinks), so two spellings of one folder are one folder.
+    writing ``out`` would destroy or pollute the input). ``inputs`` maps an option ("--data") to its path;
+    ``option`` names the output ("--out", "--keep-pool"); paths are compared as folder_relation does.
 
     Raises UserError naming both options and what to choose instead."""
-    o = Path(os.path.expanduser(str(out))).resolve()
-    for option, value in inputs.items():
-        i = Path(os.path.expanduser(str(value))).resolve()
-        if o == i:
-            why = f"is the {option} input"
-        elif i in o.parents:
-            why = f"lies inside the {option} input {value}"
-        elif o in i.parents and not contained_ok:
-            why = f"holds the {option} input {value}"
-        else:
+    for name, value in inputs.items():
+        relation = folder_relation(out, value)
+        if relation is None or (relation == "holds" and contained_ok):
             continue
-        raise UserError(f"--out {out} {why}: writing there would replace or change that input; choose an --out "
-                        f"outside every input")
+        why = {"is": f"is the {name} input", "inside": f"lies inside the {name} input {value}",
+               "holds": f"holds the {name} input {value}"}[relation]
+        raise UserError(f"{option} {out} {why}: writing there would replace or change that input; choose another "
+                        f"{option}, outside every input")
 
 
 def refuse_existing(path: str | Path, what: str, names: tuple[str, ...] | None = None, overwrite: bool = False,

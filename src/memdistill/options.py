@@ -207,16 +207,20 @@ SAMPLE_HELP = {
     "vae": "shipped autoencoder name or local AutoencoderKL folder used to decode (default: none, the export's own)",
     "vae_batch_size": "latents decoded per VAE call (lower it if decoding runs out of GPU memory)",
     "labels": "for --subset: auto, imagenet (wnid -> ImageNet index) or index (0..K-1)",
-    "pool": "over-generate: sample ceil(F x IPC) candidates per class (F >= 1; candidate j gets image j's noise, "
-            "so the first IPC are the plain set) and keep IPC of them by --select (default: 1)",
+    "pool": "over-generate: sample ceil(F x IPC) candidates per class (F > 1, required with --select; candidate j "
+            "gets image j's noise, so the first IPC are the plain set) and keep IPC of them by --select; with "
+            "--from-pool: select from the kept pool's first ceil(F x IPC) candidates (default: none; with "
+            "--from-pool all of them)",
     "select": "rule keeping IPC candidates per class: none (plain sampling), random (seeded control), herding or "
               "kcenter (first pick: farthest from the mean) in the judge's feature space, confident (highest judge "
               "probability of the class), difficulty (judge loss matched to the real data's, DiffGuideSamp) "
               "(default: none)",
-    "keep_pool": "keep the candidate pool in this folder as an image set, for --from-pool (default: none, the pool "
-                 "is deleted once selected from)",
-    "from_pool": "select --ipc per class from this kept pool (an image set from --keep-pool) instead of sampling "
-                 "(default: none, sample)",
+    "keep_pool": "keep the candidate pool in this folder as an image set, for --from-pool; checked as --out is "
+                 "(apart from --out and every input; an existing one only with --overwrite) (default: none, the "
+                 "pool is deleted once selected from)",
+    "from_pool": "select --ipc per class from every class of this kept pool (an image set from --keep-pool) "
+                 "instead of sampling; sampling options (--model, --steps, --cfg-scale, ...) and --classes are "
+                 "refused with it (default: none, sample)",
     "judge_data": "real train images the judge classifier is trained on (default: the embedded dataset the model "
                   "was trained on)",
     "judge_net": "judge classifier: convnetD, resnetap10 or resnet18",
@@ -298,6 +302,8 @@ INPUT_OPTIONS = {
     "bench": ("data", "subset", "init", "vae", "sample_vae", "latent_cache", "test", "eval_teacher",
               "sample_judge_data", "sample_mode_data", "sample_mode_cache"),
 }
+# Output folders beside --out, checked as --out is (check_command); `sample --keep-pool` writes the pool there.
+OUTPUT_OPTIONS = {"sample": ("keep_pool",)}
 # Outputs created by the stage, so an input path that does not exist yet still counts.
 _CREATED = {"latent_cache", "mode_cache", "sample_mode_cache"}
 
@@ -321,8 +327,8 @@ def _input_paths(args: argparse.Namespace) -> dict[str, str]:
 def check_command(args: argparse.Namespace) -> None:
     """What every command checks before its stage starts (UserError, one line, naming the option):
     every seed in 0..SEED_MAX; sample's (and run's --sample-*) guidance options typed where they would do nothing
-    (guidance.refuse_ignored_guidance); --latent-cache and --out folders that can be written (see
-    manifest.check_output_folder); --out neither an input, nor
+    (guidance.refuse_ignored_guidance); --latent-cache and --out folders (and the command's OUTPUT_OPTIONS, such as
+    --keep-pool) that can be written (see manifest.check_output_folder); each output neither an input, nor
     inside one, nor (except for evaluate, which writes only results.json) holding one."""
     from .manifest import check_output_folder, refuse_out_over_inputs
 
@@ -337,6 +343,11 @@ def check_command(args: argparse.Namespace) -> None:
                                 given_fields(args, prefix), prefix + "-" if prefix else "")
     if getattr(args, "latent_cache", None):
         check_output_folder(args.latent_cache, "--latent-cache")
-    if getattr(args, "out", None) is not None:
-        check_output_folder(args.out)  # a file, too long a name, not writable: before comparing paths
-        refuse_out_over_inputs(args.out, _input_paths(args), contained_ok=args.command == "evaluate")
+    outputs = ["out", *OUTPUT_OPTIONS.get(getattr(args, "command", None), ())]
+    for name in outputs:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        check_output_folder(value, option)  # a file, too long a name, not writable: before comparing paths
+        refuse_out_over_inputs(value, _input_paths(args), contained_ok=args.command == "evaluate", option=option)

@@ -25,7 +25,7 @@ from .diffusion import NUM_TIMESTEPS, SAMPLERS, GaussianDiffusion, image_generat
 from .errors import UserError
 from .guidance import class_modes, guidance_fn, mode_guided, parse_interval, validate_guidance
 from .imageset import ImageSetWriter, check_target, partial_path
-from .manifest import check_output_folder
+from .manifest import check_output_folder, folder_relation
 from .models.dit import DiT, guided
 from .runtime import autocast, check_precision
 
@@ -64,7 +64,7 @@ class SampleConfig:
     vae_batch_size: int = 32  # latents decoded per VAE call (a 256 px SD-VAE decode needs ~1 GB per 8 images)
     labels: str = "auto"  # class names of `subset` -> model class indices: auto, imagenet or index
     # Over-generate and select (memdistill.selection): ceil(pool x ipc) candidates per class, ipc kept by `select`.
-    pool: float = 1.0  # F >= 1; 1 with select "none" is plain sampling
+    pool: float | None = None  # F > 1, required to sample a pool for a rule; None with from_pool: all its candidates
     select: str = "none"  # none | selection.RULES
     keep_pool: str | None = None  # folder: keep the candidate pool there as an image set
     from_pool: str | None = None  # folder of a kept pool: select from it instead of sampling
@@ -96,13 +96,13 @@ class SampleConfig:
         self._validate_selection(prefix)
 
     def _validate_selection(self, prefix: str) -> None:
-        from .selection import RULES
+        from .selection import RULES, pool_size
 
-        require_finite(flag("pool", prefix), self.pool, low=1)
+        require_finite(flag("pool", prefix), self.pool, low=1, optional=True)
         if self.select not in ("none", *RULES):
             raise UserError(f"{flag('select', prefix)}: unknown rule {self.select!r}; allowed: none, {', '.join(RULES)}")
         require_int(flag("judge_epochs", prefix), self.judge_epochs, low=1)
-        given = [name for name, on in (("pool", self.pool != 1), ("keep_pool", self.keep_pool),
+        given = [name for name, on in (("pool", self.pool not in (None, 1)), ("keep_pool", self.keep_pool),
                                        ("from_pool", self.from_pool)) if on]
         if given and self.select == "none":
             raise UserError(f"{flag(given[0], prefix)} needs a selection rule: give {flag('select', prefix)} "
@@ -110,6 +110,37 @@ class SampleConfig:
         if self.keep_pool and self.from_pool:
             raise UserError(f"{flag('keep_pool', prefix)} keeps a pool that is sampled; with "
                             f"{flag('from_pool', prefix)} nothing is sampled: give one of them")
+        if self.select == "none":
+            return
+        # A rule keeps ipc of ceil(F x ipc) candidates: at F = 1 it would keep them all, only reordered.
+        if self.pool is None and not self.from_pool:
+            raise UserError(f"{flag('select', prefix)} {self.select} keeps --ipc of a larger pool "
+                            f"of candidates per class: give {flag('pool', prefix)} F > 1 (e.g. 4)")
+        if self.pool is not None and pool_size(self.pool, self.ipc) <= self.ipc:
+            raise UserError(f"{flag('pool', prefix)} {self.pool:g} with --ipc {self.ipc} gives "
+                            f"{self.ipc} candidates per class, all of which {flag('select', prefix)} would keep: "
+                            f"give {flag('pool', prefix)} F > 1 (e.g. 4)")
+        if self.from_pool:
+            self._validate_from_pool(prefix)
+
+    def _validate_from_pool(self, prefix: str) -> None:
+        """With from_pool nothing is sampled: a sampling option set away from its default would be ignored
+        silently, so it is refused, as is --classes (the kept pool's classes are all selected from)."""
+        defaults = SampleConfig()
+        if self.classes is not None:
+            raise UserError(f"--classes chooses the classes to sample; {flag('from_pool', prefix)} selects from "
+                            "every class of the kept pool: leave --classes out (or keep a pool of those classes)")
+        changed = [name for name in SAMPLING_ONLY if getattr(self, name) != getattr(defaults, name)]
+        if changed:
+            raise UserError(f"{flag(changed[0], prefix)} is a sampling option; with {flag('from_pool', prefix)} "
+                            "nothing is sampled (the kept pool's manifest records how it was sampled): leave it "
+                            "out")
+
+
+# Fields that only matter when images are sampled (refused with from_pool, see _validate_from_pool).
+SAMPLING_ONLY = ("model", "cfg_scale", "steps", "sampler", "eta", "guided_channels", "cfg_interval", "cfg_schedule",
+                 "mode_guidance", "mode_stop", "modes", "mode_data", "mode_cache", "batch_size", "precision",
+                 "subset", "codec", "vae", "vae_batch_size", "labels")
 
 
 def parse_classes(classes) -> list[int] | None:
@@ -375,7 +406,9 @@ def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> P
     With a selection rule (cfg.select), ceil(cfg.pool x cfg.ipc) candidates per class are sampled instead, by
     the same per-image noise rule (candidate j is image j), into a pool (cfg.keep_pool, else a hidden folder
     removed afterwards), and cfg.ipc of them are kept (selection.select_from_pool); with cfg.from_pool, the
-    candidates of that kept pool are selected from without sampling."""
+    first ceil(cfg.pool x cfg.ipc) candidates (default: all) of that kept pool are selected from without
+    sampling. Everything the selection needs (the pool folder, the judge's data, net and cache) is checked
+    before sampling. Raises UserError for bad settings, naming the option."""
     from .selection import pool_size
 
     cfg = dataclasses.replace(cfg, classes=parse_classes(cfg.classes))
@@ -385,10 +418,11 @@ def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> P
         return _select(cfg, cfg.from_pool, out, overwrite, kept=True)
     if cfg.select == "none":
         return _sample(cfg, out, overwrite)
-    pool = check_target(cfg.keep_pool, overwrite) if cfg.keep_pool else out.parent / f".{out.name}.pool"
+    pool = _pool_folder(cfg, out, overwrite)
     try:
         # The pool is a plain set of ceil(F x IPC) images per class: image j of a class is candidate j.
-        _sample(dataclasses.replace(cfg, ipc=pool_size(cfg.pool, cfg.ipc)), pool, overwrite=True)
+        _sample(dataclasses.replace(cfg, ipc=pool_size(cfg.pool, cfg.ipc)), pool, overwrite=True,
+                check=lambda sampler, classes: _check_judge(cfg, sampler, classes))
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
             _select(cfg, pool, out, overwrite, kept=bool(cfg.keep_pool))
@@ -400,33 +434,65 @@ def sample_set(cfg: SampleConfig, out: str | Path, overwrite: bool = False) -> P
     return out
 
 
+def _pool_folder(cfg: SampleConfig, out: Path, overwrite: bool) -> Path:
+    """The folder the candidates are sampled into: cfg.keep_pool, checked as ``out`` is (writable; an existing
+    one only with ``overwrite``) and apart from ``out`` (the pool and the selected set are two sets), else
+    a hidden sibling of ``out``, removed after selecting."""
+    if not cfg.keep_pool:
+        return out.parent / f".{out.name}.pool"
+    check_output_folder(cfg.keep_pool, "--keep-pool")
+    relation = folder_relation(cfg.keep_pool, out)
+    if relation is not None:
+        why = {"is": "is", "inside": "lies inside", "holds": "holds"}[relation]
+        raise UserError(f"--keep-pool {cfg.keep_pool} {why} --out {out}: the pool and the selected set are two "
+                        "image sets and need two separate folders; choose another --keep-pool")
+    return check_target(cfg.keep_pool, overwrite)
+
+
+def _check_judge(cfg: SampleConfig, sampler: Sampler, classes: list[int]) -> None:
+    """What cfg.select's judge needs (selection.judge_train_set), checked before the pool is sampled."""
+    from .selection import NEEDS_JUDGE, judge_train_set
+
+    if cfg.select in NEEDS_JUDGE:
+        # the fields of the pool's manifest that judge_data_default reads
+        manifest = {"data": sampler.source.get("data"), "source": sampler.source}
+        judge_train_set(manifest, [sampler.class_names[c] for c in classes], sampler.image_shape[0],
+                        sampler.image_shape[-1], cfg.select, cfg.judge_data, None, cfg.judge_net, cfg.judge_cache,
+                        f"the model {cfg.model}")
+
+
 def _select(cfg: SampleConfig, pool: str | Path, out: Path, overwrite: bool, kept: bool) -> Path:
-    """cfg.ipc of the candidates of ``pool`` per class kept by cfg.select into ``out``."""
-    from .selection import select_from_pool
+    """cfg.ipc of the first ceil(cfg.pool x cfg.ipc) candidates (all without cfg.pool) of ``pool`` per class
+    kept by cfg.select into ``out``."""
+    from .selection import pool_size, select_from_pool
 
     record = {k: getattr(cfg, k) for k in ("pool", "select", "keep_pool", "from_pool", "judge_data", "judge_net",
                                            "judge_epochs", "judge_cache")}
-    return select_from_pool(pool, cfg.select, cfg.ipc, out, seed=cfg.seed, judge_data=cfg.judge_data,
+    size = pool_size(cfg.pool, cfg.ipc) if cfg.pool is not None else None
+    return select_from_pool(pool, cfg.select, cfg.ipc, out, size=size, seed=cfg.seed, judge_data=cfg.judge_data,
                             judge_net=cfg.judge_net, judge_epochs=cfg.judge_epochs, judge_cache=cfg.judge_cache,
-                            device=cfg.device, overwrite=overwrite, kept_pool=kept, config=record)
+                            device=cfg.device, overwrite=overwrite, kept_pool=kept, config=record, factor=cfg.pool)
 
 
-def _sample(cfg: SampleConfig, out: Path, overwrite: bool) -> Path:
-    """cfg.ipc images per class, image i of class c from image_generator(seed, c, i), into ``out``."""
+def _sample(cfg: SampleConfig, out: Path, overwrite: bool, check=None) -> Path:
+    """cfg.ipc images per class, image i of class c from image_generator(seed, c, i), into ``out``.
+    ``check(sampler, classes)``, when given, runs once the model is loaded and before anything is sampled."""
     rank, world, device = dist_setup(cfg.device)
     sampler = load_sampler(cfg, device)
-    # fail on a bad guidance setting before any work
+    # fail on a bad guidance setting or class list before any work
     guidance_fn(sampler.model, cfg.cfg_scale, cfg.guided_channels, cfg.cfg_schedule, parse_interval(cfg.cfg_interval))
-    modes = None
-    if cfg.mode_guidance and cfg.mode_stop:
-        modes, data = sampler.mode_modes(cfg)
-        cfg = dataclasses.replace(cfg, mode_data=data, modes=modes.shape[1])  # the manifest records what was used
-
     k = len(sampler.class_names)
     classes = cfg.classes if cfg.classes is not None else list(range(k))
     bad = [c for c in classes if not 0 <= c < k]
     if bad or len(set(classes)) != len(classes) or not classes:
         raise UserError(f"--classes must be distinct label indices in 0..{k - 1}, got {classes}")
+    if check is not None:
+        check(sampler, classes)
+    modes = None
+    if cfg.mode_guidance and cfg.mode_stop:
+        modes, data = sampler.mode_modes(cfg)
+        cfg = dataclasses.replace(cfg, mode_data=data, modes=modes.shape[1])  # the manifest records what was used
+
     names = [sampler.class_names[c] for c in classes]
     jobs = [(c, i) for c in classes for i in range(cfg.ipc)]
     mine = jobs[rank::world]  # disjoint shares; each image's noise does not depend on who samples it

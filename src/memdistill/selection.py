@@ -141,7 +141,8 @@ def judge_data_default(pool_manifest: dict) -> str | None:
 def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, size: int | None = None,
                      seed: int = 0, judge_data: str | None = None, judge_subset: str | None = None, judge_net: str = "convnet3",
                      judge_epochs: int = 5, judge_seed: int = 0, judge_cache: str | Path | None = None, device: str = "cpu",
-                     overwrite: bool = False, kept_pool: bool = True, config: dict | None = None) -> Path:
+                     overwrite: bool = False, kept_pool: bool = True, config: dict | None = None,
+                     factor: float | None = None) -> Path:
     """Keep ``ipc`` of the first ``size`` candidates (default: all) of every class of the image set ``pool`` by
     ``rule`` and write them (in pick order) as the image set ``out``; ``seed`` drives the random rule. The judge (judge.load_judge) is trained on
     the real train split of ``judge_data`` (classes ``judge_subset``; default: judge_data_default) at the pool's
@@ -149,8 +150,10 @@ def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, 
 
     The manifest keeps the pool's fields (model, seed, data) and adds "selection": pool factor and size, rule,
     judge identity (None for random) and, per class, the kept candidate indices; ``config`` updates its
-    "config" (the sampling settings that asked for the selection). Raises UserError for a pool
-    smaller than ``ipc``, classes the judge does not know, or data that cannot be found.
+    "config" (the sampling settings that asked for the selection). The pool factor (``factor``, the F that
+    gave size = ceil(F x ipc); default size / ipc) is written both as selection "pool_factor" and config
+    "pool", so the two never disagree. Raises UserError for a pool smaller than ``size`` or ``ipc``, classes
+    the judge does not know, or data that cannot be found.
     """
     from .imageset import check_target, read_image_set, write_image_set
 
@@ -178,31 +181,54 @@ def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, 
     chosen = torch.cat(picks)
     fields = {key: v for key, v in manifest.items()
               if key not in ("versions", "class_names", "channels", "resolution", "counts", "ipc", "grid")}
-    config = {**(fields.pop("config", None) or {}), **(config or {}), "ipc": ipc}
+    factor = factor if factor is not None else size / ipc
+    config = {**(fields.pop("config", None) or {}), **(config or {}), "ipc": ipc, "pool": factor}
     fields.update(config=config, selection={
-        "rule": rule, "pool_factor": size / ipc, "pool_size": size,
+        "rule": rule, "pool_factor": factor, "pool_size": size,
         "pool": str(Path(pool).resolve()) if kept_pool else None,
         "judge": judge.identity() if judge is not None else None, "seed": seed, "kept": kept})
     log.info("selected %d of %d candidates per class by %s", ipc, size, rule)
     return write_image_set(out, images[chosen], labels[chosen], class_names, fields, overwrite=overwrite)
 
 
-def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data, subset,
-               net: str,
-               epochs: int, seed: int, cache, device: str, pool):
-    """(judge, {class name: real losses (m,)} for difficulty) for a pool of ``class_names``."""
-    from .data import load_tensors, open_dataset
-    from .devices import resolve_device
-    from .judge import load_judge
+def judge_train_set(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data,
+                    subset, net: str, cache, where: str):
+    """The real train split (data.ImageDataset) a ``rule`` judge of ``class_names`` is trained on, with
+    everything the judge needs checked without training it: the data (``judge_data``, default
+    judge_data_default(manifest)) opens at ``side`` px and ``channels`` and holds every class, the net
+    builds for those images and the judge cache folder can be written. Cheap, so sampling calls it before
+    sampling a pool. ``where`` names what is selected from in messages ("the pool runs/p").
+    Raises UserError naming --judge-data, --judge-net or --judge-cache."""
+    from .data import open_dataset
+    from .judge import default_cache
+    from .manifest import check_output_folder
+    from .nets import build_net
 
     data = judge_data or judge_data_default(manifest)
     if data is None:
-        raise UserError(f"--select {rule} needs a judge trained on the real train images, and the model of {pool} "
-                        "does not record an embedded dataset: give --judge-data (the real train images)")
+        raise UserError(f"--select {rule} needs a judge trained on the real train images, and {where} records no "
+                        "embedded dataset: give --judge-data (the real train images)")
     train = open_dataset(data, "train", subset=subset, resolution=side, channels=channels)
     missing = [n for n in class_names if n not in train.class_names]
     if missing:
-        raise UserError(f"--judge-data {data}: it lacks the classes {', '.join(missing[:5])} of the pool {pool}")
+        raise UserError(f"--judge-data {data}: it lacks the classes {', '.join(missing[:5])} of {where}")
+    try:
+        build_net(net, len(train.class_names), channels, side)
+    except UserError as err:
+        raise UserError(f"--judge-net: {err}") from None
+    check_output_folder(cache if cache is not None else default_cache(), "--judge-cache")
+    return train
+
+
+def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data, subset,
+               net: str, epochs: int, seed: int, cache, device: str, pool):
+    """(judge, {class name: real losses (m,)} for difficulty) for a pool of ``class_names``."""
+    from .data import load_tensors
+    from .devices import resolve_device
+    from .judge import load_judge
+
+    train = judge_train_set(manifest, class_names, channels, side, rule, judge_data, subset, net, cache,
+                            f"the pool {pool}")
     judge = load_judge(train, net, epochs, seed, cache, resolve_device(device))
     real_loss = {}
     if rule == "difficulty":
