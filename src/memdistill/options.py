@@ -84,11 +84,9 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
             kwargs = dict(action=_STORE, type=_optional(base) if optional else base, metavar=base.__name__.upper(),
                           help=text if "(default:" in text else
                           f"{text} (default: {'none' if default is None else default})".strip())
-        # --steps and --epochs of a training config, and a config's TYPED_ONLY options: left unset when not given,
-        # so that config_from_args can tell an explicit --epochs from the default length in steps, and a typed
-        # option that would do nothing (refuse_idle) from its default
-        given_only = ((f.name in UNTIL and all(hasattr(defaults, n) for n in UNTIL))
-                      or f.name in getattr(defaults, "TYPED_ONLY", ()))
+        # --steps and --epochs of a training config: left unset when not given, so that config_from_args can tell an
+        # explicit --epochs from the default length in steps
+        given_only = f.name in UNTIL and all(hasattr(defaults, n) for n in UNTIL)
         parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS if given_only else default, **kwargs)
         if flag != usual:  # the usual spelling stays as a hidden alias
             parser.add_argument(usual, dest=dest, default=argparse.SUPPRESS, **{**kwargs, "help": argparse.SUPPRESS})
@@ -100,8 +98,9 @@ UNTIL = ("steps", "epochs")
 
 def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str = "") -> Any:
     """``base`` with the options of ``cls``'s fields parsed into ``args`` (``prefix``: "eval" for --eval-*). A config
-    with ``refuse_idle(typed, prefix)`` is then shown which of its TYPED_ONLY options were typed, and raises a
-    UserError for one that would do nothing (e.g. --temperature with hard labels); defaults are never refused."""
+    with ``refuse_idle(typed, prefix)`` is then shown which of its TYPED_ONLY options were typed (given_fields), and
+    raises a UserError for one that would do nothing (e.g. --temperature with hard labels); defaults are never
+    refused."""
     def dest(name: str) -> str:
         return f"{prefix}_{name}" if prefix else name
 
@@ -110,7 +109,8 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any, prefix: str
         values["steps"] = None  # an explicit --epochs wins over the default --steps (giving both: validate refuses)
     config = dataclasses.replace(base, **values)
     if hasattr(config, "refuse_idle"):
-        config.refuse_idle({n for n in getattr(cls, "TYPED_ONLY", ()) if n in values}, f"{prefix}-" if prefix else "")
+        typed = set(getattr(cls, "TYPED_ONLY", ())) & given_fields(args, prefix)
+        config.refuse_idle(typed, f"{prefix}-" if prefix else "")
     return config
 
 

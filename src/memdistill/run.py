@@ -78,7 +78,7 @@ def _complete(folder: Path) -> bool:
 WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_every", "finetune.device",
               "sample.device", "sample.batch_size", "eval.device",
               # scores are computed from the stored evaluations: asking for them on --resume redoes no stage
-              *(f"scores.{name}" for name in ScoreConfig.__dataclass_fields__)}
+              *(f"scores.{f.name}" for f in dataclasses.fields(ScoreConfig))}
 
 
 def _settings_now(cfg: RunConfig) -> dict:
