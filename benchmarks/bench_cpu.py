@@ -12,7 +12,9 @@ subprocess of this script (``--worker``), so one run compares them fairly. Secti
 4. precision: evaluation end to end in fp32 vs bf16;
 5. the limit: images/s of our training step (augmentation, CutMix, forward, backward, SGD) against a bare loop
    of the same net (forward, backward, SGD on one fixed batch) in fp32 and bf16, and the share of the
-   evaluation's time spent in test checks.
+   evaluation's time spent in test checks;
+6. layout: bf16 evaluation end to end in NCHW vs channels-last (what evaluate picks for bf16 on a CPU), eager
+   and compiled (compilation outside the timing).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -63,15 +66,24 @@ def _evaluation(spec: dict) -> dict:
         checks[0] += time.perf_counter() - t0
         return out
 
-    ev.build_net, ev._accuracy = build, accuracy
-    cfg = ev.EvalConfig(net="convnet3", epochs=spec["epochs"], precision=spec.get("precision", "fp32"),
-                        eval_every=spec.get("eval_every"), flip=False)
-    t0 = time.perf_counter()
-    result = ev.train_and_test(x, y, tx, ty, 10, cfg, seed=0)
-    wall = time.perf_counter() - t0
+    real_layout = ev.memory_format
+    try:
+        if spec.get("layout") == "nchw":  # the layout before channels-last was chosen for bf16 on CPUs
+            ev.memory_format = lambda *a, **k: torch.contiguous_format
+        cfg = ev.EvalConfig(net="convnet3", epochs=spec["epochs"], precision=spec.get("precision", "fp32"),
+                            eval_every=spec.get("eval_every"), flip=False, compile=spec.get("compile", False))
+        if cfg.compile:  # compile outside the timed run (a short run of the same shapes)
+            ev.build_net, ev._accuracy = real_build, real_accuracy
+            ev.train_and_test(x, y, tx, ty, 10, replace(cfg, epochs=1), seed=0)
+        ev.build_net, ev._accuracy = build, accuracy
+        t0 = time.perf_counter()
+        result = ev.train_and_test(x, y, tx, ty, 10, cfg, seed=0)
+        wall = time.perf_counter() - t0
+    finally:  # in-process callers (the test) get the module back as it was
+        ev.build_net, ev._accuracy, ev.memory_format = real_build, real_accuracy, real_layout
     weights = b"".join(p.detach().float().numpy().tobytes() for p in models[0].parameters())
-    steps = spec["epochs"] * -(-len(x) // cfg.batch_size)
-    return {"wall": wall, "checks": checks[0], "images_per_s": steps * cfg.batch_size / (wall - checks[0]),
+    images = spec["epochs"] * len(x)  # every image once per epoch (batches never exceed the set)
+    return {"wall": wall, "checks": checks[0], "images_per_s": images / (wall - checks[0]),
             "last": result["last"], "weights": hashlib.sha256(weights).hexdigest()[:16],
             "threads": torch.get_num_threads()}
 
@@ -229,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{'img/s':<5} {ours['images_per_s'] / bare[precision]:6.2f}")
     print(f"{'share of evaluation time in test checks (fp32, bf16)':<52} {one['checks'] / one['wall']:9.2f} "
           f"{bf16['checks'] / bf16['wall']:9.2f}")
+    # 6. layout
+    print(f"{'layout (bf16, 1 thread)':<52} {'NCHW':>9} {'chan-last':>9} {'unit':<5} speed-up")
+    for compiled in (False, True):
+        spec = dict(ev, threads=1, precision="bf16", compile=compiled)
+        nchw = run_worker(dict(spec, layout="nchw"))
+        last = bf16 if not compiled else run_worker(spec)
+        line(f"evaluation {'compiled' if compiled else 'eager'}: NCHW -> channels-last", nchw["wall"], last["wall"])
+        print(f"  training images/s: {nchw['images_per_s']:.0f} -> {last['images_per_s']:.0f}; top-1 after {epochs} "
+              f"epochs {nchw['last']:.2f} vs {last['last']:.2f}")
     return 0
 
 

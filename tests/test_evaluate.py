@@ -193,3 +193,20 @@ def test_evaluation_defaults_to_the_device_every_stage_uses(capsys):
     assert "(default: auto)" in " ".join(capsys.readouterr().out.split())
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(EvalConfig().device).type == expected
+
+
+def test_bf16_training_on_a_cpu_runs_channels_last_and_fp32_stays_nchw(digits, monkeypatch):
+    import memdistill.evaluate as ev
+
+    built = []
+    real_build = ev.build_net
+    monkeypatch.setattr(ev, "build_net", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    train_x, train_y, test_x, test_y = digits
+    for precision in ("bf16", "fp32"):
+        config = EvalConfig(net="convnet2", epochs=6, eval_every=3, precision=precision, device="cpu")
+        result = train_and_test(train_x, train_y, test_x, test_y, 10, config, seed=0)
+        assert result["best"] > 30, precision  # it learns in either layout (chance is 10%)
+    conv_bf16 = built[0].features[4].weight  # the second conv: a 1-channel input fits both layouts
+    conv_fp32 = built[1].features[4].weight
+    assert conv_bf16.is_contiguous(memory_format=torch.channels_last) and not conv_bf16.is_contiguous()
+    assert conv_fp32.is_contiguous()

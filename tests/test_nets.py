@@ -143,3 +143,25 @@ def test_evaluate_cli_refuses_resnet18_at_2px(tmp_path, capsys):
                  "--out", str(tmp_path / "e")])
     assert code == 2
     assert "2 px is too small for ResNet-18: its down-sampling needs images of at least 5 px" in capsys.readouterr().err
+
+
+def test_instance_norm_on_a_channels_last_input_equals_nchw_and_keeps_the_layout():
+    # The bf16 CPU path of evaluate trains channels-last; the norm must compute exactly what it computes in
+    # NCHW (torch's channels-last GroupNorm is a different, much slower kernel) and hand the layout back.
+    from memdistill.nets import InstanceNorm
+
+    torch.manual_seed(0)
+    norm = InstanceNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 8, 6, 6)
+    plain = nn.GroupNorm(8, 8)
+    plain.load_state_dict(norm.state_dict())  # the same parameters under the same names
+    out_nchw = norm(x)
+    out_cl = norm(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(out_nchw, plain(x))
+    assert torch.equal(out_cl, out_nchw)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    out_cl.sum().backward()  # gradients flow through the layout change
+    assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()

@@ -286,3 +286,14 @@ def test_tf32_on_the_cpu_is_fp32_and_says_so(tiny_model, tmp_path, caplog):
     assert any("tf32 applies to CUDA only" in r.getMessage() for r in caplog.records)
     assert _losses(tmp_path / "fp32") == _losses(tmp_path / "tf32")
     assert json.loads((tmp_path / "tf32" / "manifest.json").read_text())["precision"] == "fp32"
+
+
+def test_memory_format_is_channels_last_for_bf16_on_a_cpu_only():
+    import torch
+
+    from memdistill.runtime import memory_format
+
+    assert memory_format("cpu", "bf16") == torch.channels_last
+    for precision in ("fp32", "auto", "tf32"):
+        assert memory_format("cpu", precision) == torch.contiguous_format
+    assert memory_format("cuda", "bf16") == torch.contiguous_format  # not measured there: the default layout

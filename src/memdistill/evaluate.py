@@ -23,7 +23,7 @@ from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
 from memdistill.reports import format_score
-from memdistill.runtime import autocast, check_precision, runtime_info
+from memdistill.runtime import autocast, check_precision, memory_format, runtime_info
 from memdistill.softlabels import (FULL, LABEL_MODES, SOFT_LR, SOFT_WEIGHT_DECAY, TEMPERATURE, Teacher, kd_loss,
                                    load_teacher, save_teacher, soft_lr_at, teacher_meta)
 
@@ -173,9 +173,10 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
     time under inference mode (no autograd bookkeeping) and ``precision`` autocast."""
     model.eval()
     correct = 0
+    layout = memory_format(device, precision)
     with torch.inference_mode(), autocast(device, precision):
         for i in range(0, len(x), TEST_BATCH):
-            logits = model(x[i:i + TEST_BATCH].to(device))
+            logits = model(x[i:i + TEST_BATCH].to(device).contiguous(memory_format=layout))
             correct += int((logits.argmax(1).cpu() == y[i:i + TEST_BATCH]).sum())
     model.train()
     return 100.0 * correct / len(x)
@@ -231,13 +232,14 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
     device = resolve_device(config.device)
     size = config.image_size or min(train_x.shape[-2:])
     teacher = resolve_teacher(config, teacher, num_classes, int(train_x.shape[1]), size)
+    layout = memory_format(device, config.precision)  # channels-last for bf16 on a CPU: faster, see runtime
     if teacher is not None:
         teacher.model.to(device)
     epochs = resolved_epochs(config, train_y)
     eval_every = config.eval_every or max(1, epochs // 10)
 
     torch.manual_seed(seed)  # before any other draw: the init depends on the seed only
-    model = build_net(config.net, num_classes, train_x.shape[1], size, config.norm).to(device)
+    model = build_net(config.net, num_classes, train_x.shape[1], size, config.norm).to(device, memory_format=layout)
 
     # Deterministic parts are done once: train images are resized/cropped to `size` up front, so the
     # random resized crop per epoch works at the final resolution; test images are fully prepared.
@@ -266,7 +268,7 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
         for group in optimizer.param_groups:
             group["lr"] = lr_schedule(epoch, epochs, base_lr)
         for idx in _batches(len(train01), config.batch_size, generator):
-            x = augment(train01[idx.to(device)], generator)  # (B, C, size, size)
+            x = augment(train01[idx.to(device)], generator).contiguous(memory_format=layout)  # (B, C, size, size)
             y = train_y[idx.to(device)]
             if config.cutmix_beta > 0:
                 x, target = cutmix(x, y, num_classes, config.cutmix_beta, generator)

@@ -64,9 +64,25 @@ def _check_size(path: list[nn.Module], image_size: int, label: str, advice: str)
     return side
 
 
+class InstanceNorm(nn.GroupNorm):
+    """Instance norm as GroupNorm with one channel per group, (N, C, H, W) -> same shape, computed in the
+    NCHW layout whatever the input's layout: a channels-last input (the bf16 CPU path of evaluate, where the
+    convolutions and pooling are faster in that layout) is normalised in NCHW and handed back channels-last,
+    because torch's channels-last GroupNorm kernel on CPU is about 20x slower than its NCHW one
+    (benchmarks/bench_cpu.py, "layout"). The arithmetic, and the state_dict, are those of nn.GroupNorm."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def make_norm(norm: str, channels: int) -> nn.Module:
     if norm == "instance":
-        return nn.GroupNorm(channels, channels, affine=True)
+        return InstanceNorm(channels)
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     raise UserError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
