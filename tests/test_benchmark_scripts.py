@@ -198,3 +198,28 @@ def test_bench_precision_quick_prints_paired_rows(capsys):
     assert len(re.findall(r"^paired bf16 - fp32: [+-][\d.]+ ± [\d.]+ points", out, flags=re.M)) == 2
     assert len(re.findall(r"^IPC +\d+: [+-][\d.]+ ± [\d.]+ +fp32 std [\d.]+ +(within|OUTSIDE) +x\d", out,
                           flags=re.M)) == 2
+
+
+def test_replicates_pairs_by_replicate_and_classifier_seed(tmp_path, capsys):
+    import replicates
+
+    def bench(folder, dit, adaptive, coverage):
+        cells = [{"method": m, "ipc": 10, "net": "convnet3",
+                  "per_repeat": [{"seed": s, "best": b} for s, b in enumerate(bests)],
+                  "scores": {"hlr": {"mean": 90 - sum(bests) / len(bests)}, "ior": {"mean": 1.0}}}
+                 for m, bests in (("dit", dit), ("adaptive", adaptive))]
+        metrics = [{"method": "adaptive", "ipc": 10, "diversity": 0.1, "coverage": coverage}]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bench.json").write_text(json.dumps(
+            {"methods": ["dit", "adaptive"], "cells": cells, "metrics": metrics}))
+        return str(tmp_path / folder)
+
+    r0 = bench("r0", dit=[80, 82], adaptive=[81, 85], coverage=0.2)  # diffs +1, +3
+    r1 = bench("r1", dit=[70, 70], adaptive=[69, 71], coverage=0.4)  # diffs -1, +1
+    assert replicates.main([r0, r1]) == 0
+    out = capsys.readouterr().out
+    # replicate means 83 and 70 -> 76.50 ± 9.19; the four paired diffs +1 +3 -1 +1 -> 1.00 ± 1.63, 3 of 4 ahead
+    assert "| 10 | convnet3 | adaptive | 76.50 ± 9.19 (2) | 4 | 1.00 ± 1.63 | 3 of 4 |" in out
+    assert "| 10 | adaptive | 0.100 | 0.300 |" in out
+    with pytest.raises(SystemExit, match="no bench.json"):
+        replicates.main([str(tmp_path)])
