@@ -111,3 +111,12 @@ def test_sample_s_comma_interval_in_method_says_to_write_a_dash(methods):
     with pytest.raises(UserError) as err:
         BenchConfig(methods=methods).validate()
     assert "--method" in str(err.value) and "200-800" in str(err.value), str(err.value)
+
+
+def test_mode_guidance_takes_its_modes_from_the_bench_data(tiny_model, tmp_path):
+    # The tiny export records no training data: before, the modes had no default and the bench stopped
+    # (a shipped model's modes came from its own set, whatever --data said).
+    out = tmp_path / "bench"
+    bench_cli("--init", tiny_model, *TINY, "--method", "dit+modes:0.3", "--ipc", "1", "--no-metrics", "--out", out)
+    manifest = read_image_set(out / "sets" / "dit+modes-0.3-ipc1")[3]
+    assert manifest["config"]["mode_data"] == "digits"

@@ -192,7 +192,7 @@ SAMPLE_HELP = {
     "modes": "modes (k-means clusters) per class; image i of a class follows mode i mod k "
              "(default: none, as many as --ipc)",
     "mode_data": "real train data for the modes: an embedded set (mnist5k, digits) or a class-per-folder image "
-                 "tree (default: none, the embedded set the model was trained on; run: its --data)",
+                 "tree (default: none, the embedded set the model was trained on; run and bench: their --data)",
     "mode_cache": "folder where the modes (and VAE latents of the mode data) are cached and reused "
                   "(default: none, computed on every call)",
     "seed": "seed of the per-image noise (image i of class c always gets the same noise) and of the k-means of "

@@ -105,6 +105,9 @@ class _Bench:
                               folder, overwrite=True)
         variant = parse_method(method)
         sample = dataclasses.replace(self.cfg.sample, model=model, ipc=ipc, **variant.sample_overrides())
+        if sample.mode_guidance > 0 and sample.mode_data is None:
+            # the modes of the data every set is compared on (as in run), not of the data the model came from
+            sample = dataclasses.replace(sample, mode_data=self.cfg.finetune.data)
         if variant.base == "dit" and not _is_export(model):
             # A bare pretrained checkpoint carries no class list or codec: take the fine-tuning data's.
             ft = self.cfg.finetune.with_resolved_codec()
