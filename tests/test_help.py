@@ -86,3 +86,19 @@ def test_stage_options_in_run_and_bench_carry_the_stage_prefix():
                     f"{command} {flag} is a {stage} option: spell it --{'eval' if stage == 'evaluate' else 'sample'}-{flag[2:]}"
             every_other = set().union(*(flags[c] for c in cmds if c != command))
             assert not (flag.endswith("s") and flag[:-1] in every_other), f"{command} {flag}: use {flag[:-1]}"
+
+
+def test_a_shared_help_text_states_each_command_s_own_default():
+    # run evaluates for 100 epochs under bf16; the shared texts state evaluate's defaults (the protocol's
+    # epochs, auto precision), which are not run's.
+    helps = {a.option_strings[-1]: a.help for a in options(subcommands()["run"])}
+    assert helps["--eval-epochs"].endswith("(default: 100)")
+    assert helps["--eval-precision"].endswith("(default: bf16)")
+    evaluate = {a.option_strings[-1]: a.help for a in options(subcommands()["evaluate"])}
+    assert "the protocol's by IPC" in evaluate["--epochs"]
+    for command in subcommands():  # and every numeric default is what the help states, where it states one
+        for action in options(subcommands()[command]):
+            stated = re.search(r"\(default: ([^()]*)\)$", action.help or "")
+            if stated and isinstance(action.default, (int, float)) and not isinstance(action.default, bool):
+                first = stated.group(1).split()[0].rstrip(",;")
+                assert float(first) == action.default, (command, action.option_strings, stated.group(0))

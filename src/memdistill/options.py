@@ -76,6 +76,10 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
         default = getattr(defaults, f.name)
         base, optional = _field_type(f.type)
         text = help.get(f.name, "")
+        if "(default:" in text and default != _class_default(f):
+            # this command's default differs from the one the shared help text states (run's 100 evaluation
+            # epochs, say): state this command's own
+            text = text[:text.rfind("(default:")].rstrip()
         if base is bool:
             state = {True: "on", False: "off"}.get(default)
             kwargs: dict[str, Any] = dict(action=_BOOL,
@@ -90,6 +94,15 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, skip: set[st
         parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS if given_only else default, **kwargs)
         if flag != usual:  # the usual spelling stays as a hidden alias
             parser.add_argument(usual, dest=dest, default=argparse.SUPPRESS, **{**kwargs, "help": argparse.SUPPRESS})
+
+
+def _class_default(f: dataclasses.Field) -> Any:
+    """The default that the dataclass itself gives field ``f`` (MISSING when it has none)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 # A training run's length: --steps or --epochs (see add_config_args and config_from_args).

@@ -41,8 +41,10 @@ class RunConfig:
     test: str | None = None  # real test images: None = the embedded dataset's test split; else a folder
     finetune: TrainConfig = field(default_factory=finetune_defaults)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # 100 epochs instead of the IPC table's 2000 keeps the embedded default within minutes on 2 CPU cores.
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=100, repeats=3))
+    # 100 epochs instead of the IPC table's 2000, and bf16 autocast (on a CPU about 2x faster; within the spread
+    # of fp32 over repeats at IPC 1, 10 and 50, docs/benchmarks.md "bf16 against fp32, paired"), keep the embedded
+    # default within minutes on 2 CPU cores. evaluate and bench keep the protocol's fp32.
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=100, repeats=3, precision="bf16"))
     # Off by default: the first full-data reference trains minutes per classifier on a CPU (references module).
     scores: ScoreConfig = field(default_factory=ScoreConfig)
 
@@ -239,6 +241,9 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
     if eval_cfg.epochs is not None:
         notes.append(f"Evaluation trained for {eval_cfg.epochs} epochs (the protocol's IPC table would use more); "
                      "pass --eval-epochs none for the full protocol.")
+    if eval_cfg.precision != "fp32":
+        notes.append(f"Evaluation ran under {eval_cfg.precision} autocast (faster; the protocol trains in fp32): "
+                     "pass --eval-precision fp32 for the protocol's arithmetic.")
     report = write_run_report(out, settings, summary, timings, "grid.png", "accuracy.png", notes)
     write_manifest(out, "run", {"ipc": cfg.ipc, "baselines": baselines, "test": test,
                                 "finetune": dataclasses.asdict(ft), "sample": dataclasses.asdict(cfg.sample),
