@@ -68,8 +68,9 @@ class InstanceNorm(nn.GroupNorm):
     """Instance norm as GroupNorm with one channel per group, (N, C, H, W) -> same shape, computed in the
     NCHW layout whatever the input's layout: a channels-last input (the bf16 CPU path of evaluate, where the
     convolutions and pooling are faster in that layout) is normalised in NCHW and handed back channels-last,
-    because torch's channels-last GroupNorm kernel on CPU is about 20x slower than its NCHW one
-    (benchmarks/bench_cpu.py, "layout"). The arithmetic, and the state_dict, are those of nn.GroupNorm."""
+    because torch's channels-last GroupNorm kernel on CPU was about 20x slower than its NCHW one in a profile of
+    that training step (docs/benchmarks.md, "Using the CPU well"). The arithmetic, and the state_dict, are those
+    of nn.GroupNorm."""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, affine=True)
