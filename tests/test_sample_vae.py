@@ -59,7 +59,8 @@ def test_a_vae_changed_in_place_since_training_is_refused_unless_given(latent_pa
     assert main([*SAMPLE, "--model", str(run), "--out", str(tmp_path / "a")]) == 0
 
     weights = next(vae.glob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
+    trained = weights.read_bytes()
+    _retrain_in_place(vae)
     capsys.readouterr()
     assert main([*SAMPLE, "--model", str(run), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
@@ -67,10 +68,40 @@ def test_a_vae_changed_in_place_since_training_is_refused_unless_given(latent_pa
     assert not (tmp_path / "b").exists()
     assert main([*SAMPLE, "--model", str(run), "--vae", str(vae), "--out", str(tmp_path / "b")]) == 0
 
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns - 10**9))  # back as trained
+    weights.write_bytes(trained)  # back as trained (another modification time, the same bytes)
     (vae / PADDING_FILE).write_text(json.dumps({"image_size": 8, "pad_to": 8}))  # a padding record added
     assert main([*SAMPLE, "--model", str(run), "--out", str(tmp_path / "c")]) == 2
     assert "padding" in capsys.readouterr().err
+
+
+def _retrain_in_place(vae):
+    """Other weights of the same size in the same file, as retraining in place leaves them."""
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL.from_pretrained(vae)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(vae)
+
+
+def test_a_copied_vae_folder_passes_and_a_retrained_copy_does_not(latent_pair, tmp_path, capsys):
+    """A model and its VAE copied to another place (other modification times, the same bytes): the export's
+    recorded sha256 of the weights recognises the VAE; failed before (the weights' modification times differ)."""
+    import shutil
+
+    vae, init = latent_pair
+    vae = shutil.copytree(vae, tmp_path / "vae")
+    run = tmp_path / "run"
+    assert main(["finetune", "--data", "digits", "--init", str(init), "--vae", str(vae), "--out", str(run),
+                 "--batch-size", "4", "--steps", "1", "--memory", "none", "--device", "cpu", "--no-progress"]) == 0
+    weights = next(vae.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # copied: new times
+    assert main([*SAMPLE, "--model", str(run), "--out", str(tmp_path / "a")]) == 0
+    _retrain_in_place(vae)
+    capsys.readouterr()
+    assert main([*SAMPLE, "--model", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "changed since the model" in capsys.readouterr().err
 
 
 def test_an_export_without_a_recorded_vae_identity_still_samples(latent_pair, tmp_path):

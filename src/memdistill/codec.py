@@ -225,13 +225,23 @@ class VAECodec(Codec):
         their sha256 instead (a few MB), which, unlike a modification time, is the same on every installation."""
         folder = self.folder / (self.subfolder or "")
         files = []
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".ckpt"):
-                st = path.stat()
-                files.append([path.name, st.st_size, _sha256(path) if self.shipped else st.st_mtime_ns])
+        for path in self._weight_files():
+            st = path.stat()
+            files.append([path.name, st.st_size, _sha256(path) if self.shipped else st.st_mtime_ns])
         padding = folder / PADDING_FILE
         return {**self.config(), "config_sha256": _sha256(folder / "config.json"),
                 "padding_sha256": _sha256(padding) if padding.is_file() else None, "weights": files}
+
+    def weights_sha256(self) -> list[list[str]]:
+        """[name, sha256] of each weights file, read in full (about a second for SD-VAE's 335 MB): exports record
+        it beside identity(), so that a copy of the folder (other modification times, the same bytes) is known
+        for the VAE the model was trained on (sample's check)."""
+        return [[path.name, _sha256(path)] for path in self._weight_files()]
+
+    def _weight_files(self) -> list[Path]:
+        folder = self.folder / (self.subfolder or "")
+        return [path for path in sorted(folder.iterdir())
+                if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
 
 
 # What VAECodec.identity records beside the config: compared to tell whether a recorded VAE changed since.

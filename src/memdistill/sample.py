@@ -318,11 +318,15 @@ def _check_vae_fits(codec, image_shape: tuple[int, int, int], latent_shape: tupl
 def _check_vae_unchanged(codec, recorded: dict, model: str) -> None:
     """Refuse the VAE that an export records when its files (config, padding record, weights; see
     VAECodec.identity) differ from what the export recorded at training time: it would decode the model's latents
-    differently. Exports that record no identity (older ones) are not checked; an explicit --vae is taken as is."""
+    differently. Weights whose modification times differ are compared by content when the export recorded their
+    sha256 (VAECodec.weights_sha256), so a copied folder passes. Exports that record no identity (older ones) are
+    not checked; an explicit --vae is taken as is."""
     if not all(key in recorded for key in IDENTITY_KEYS):
         return
     now = codec.identity()
     changed = [key.split("_")[0] for key in IDENTITY_KEYS if now.get(key) != recorded[key]]
+    if changed == ["weights"] and recorded.get("weights_sha256") == codec.weights_sha256():
+        changed = []  # the same bytes with other modification times: a copy of the folder (another machine)
     if changed:
         raise UserError(f"the VAE {recorded.get('path')} changed since the model {model} was trained (its "
                         f"{', '.join(changed)} differ): its latents may decode differently; pass --vae "

@@ -296,8 +296,11 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
         posterior, targets = _encode_on_rank0(codec, ds, cache, flip, rank, device)
     else:
         posterior, targets = encode_dataset(codec, ds, cache, flip=flip)
+    codec_config = codec.identity()
+    if hasattr(codec, "weights_sha256") and rank == 0:  # the export records the VAE's bytes too (sample's check)
+        codec_config["weights_sha256"] = codec.weights_sha256()
     return TrainData(posterior, targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
-                     ds.identity, codec.identity(), (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
+                     ds.identity, codec_config, (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
 
 
 def _encode_on_rank0(codec, ds, cache: Path | None, flip: bool, rank: int, device: torch.device
