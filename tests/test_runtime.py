@@ -297,3 +297,17 @@ def test_memory_format_is_channels_last_for_bf16_on_a_cpu_only():
     for precision in ("fp32", "auto", "tf32"):
         assert memory_format("cpu", precision) == torch.contiguous_format
     assert memory_format("cuda", "bf16") == torch.contiguous_format  # not measured there: the default layout
+
+
+def test_run_evaluates_in_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
+    # Without AVX512-BF16 or AMX, oneDNN emulates bf16 and run's faster default would be slower than fp32.
+    import torch
+
+    from memdistill import runtime
+    from memdistill.run import RunConfig
+
+    for bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "auto")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert runtime.cpu_has_bf16() is (bf16 or amx)
+        assert RunConfig().eval.precision == expected

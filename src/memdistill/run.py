@@ -24,6 +24,7 @@ from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
 from .references import ScoreConfig, references_for, score_set, without_augmentation
+from .runtime import cpu_has_bf16
 from .manifest import (NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing,
                        write_json_atomic, write_manifest)
 from .sample import SampleConfig, sample_set
@@ -41,10 +42,11 @@ class RunConfig:
     test: str | None = None  # real test images: None = the embedded dataset's test split; else a folder
     finetune: TrainConfig = field(default_factory=finetune_defaults)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # 100 epochs instead of the IPC table's 2000, and bf16 autocast (on a CPU about 2x faster; within the spread
-    # of fp32 over repeats at IPC 1, 10 and 50, docs/benchmarks.md "bf16 against fp32, paired"), keep the embedded
-    # default within minutes on 2 CPU cores. evaluate and bench keep the protocol's fp32.
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=100, repeats=3, precision="bf16"))
+    # 100 epochs instead of the IPC table's 2000, and bf16 autocast where the CPU computes bf16 natively (there
+    # about 2x faster; within the spread of fp32 over repeats at IPC 1, 10 and 50, docs/benchmarks.md "bf16 against
+    # fp32, paired"), keep the embedded default within minutes on 2 CPU cores. evaluate and bench keep fp32.
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(
+        epochs=100, repeats=3, precision="bf16" if cpu_has_bf16() else "auto"))
     # Off by default: the first full-data reference trains minutes per classifier on a CPU (references module).
     scores: ScoreConfig = field(default_factory=ScoreConfig)
 

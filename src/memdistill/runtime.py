@@ -205,6 +205,15 @@ def announce_precision(precision: str, device) -> str:
     return resolved
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast pays: without
+    them oneDNN emulates bf16 and it can be slower than fp32."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def memory_format(device, precision: str):
     """The tensor layout a convolutional classifier should train and test in at ``precision`` on ``device``:
     torch.channels_last for bf16 on a CPU, where oneDNN's bf16 convolutions (AMX/AVX512-BF16 kernels) and the
