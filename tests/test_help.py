@@ -93,9 +93,7 @@ def test_a_shared_help_text_states_each_command_s_own_default():
     # epochs, auto precision), which are not run's.
     helps = {a.option_strings[-1]: a.help for a in options(subcommands()["run"])}
     assert helps["--eval-epochs"].endswith("(default: 100)")
-    from memdistill.runtime import cpu_has_bf16
-
-    assert helps["--eval-precision"].endswith("(default: bf16)" if cpu_has_bf16() else "fp32 on the CPU)")
+    assert helps["--eval-precision"].endswith("(default: fast)")
     evaluate = {a.option_strings[-1]: a.help for a in options(subcommands()["evaluate"])}
     assert "the protocol's by IPC" in evaluate["--epochs"]
     for command in subcommands():  # and every numeric default is what the help states, where it states one

@@ -320,6 +320,26 @@ def test_resume_of_a_finished_run_keeps_the_timings(tiny_model, tmp_path, capsys
     one_line_error(capsys, run_cli(*args, "--resume"), "run_config.json")
 
 
+def test_run_records_and_reports_the_precision_its_evaluations_resolved_to(tiny_model, tmp_path, monkeypatch):
+    # Before: the report said "ran under auto autocast" for --eval-precision auto (fp32 on a CPU), and neither
+    # results.json nor the report's settings said which precision the evaluations ran at.
+    import torch
+
+    for asked, cpu_bf16, resolved in (("auto", True, "fp32"), ("tf32", True, "fp32"), ("fast", False, "fp32"),
+                                      ("fast", True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=cpu_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        out = tmp_path / f"run-{asked}-{cpu_bf16}"
+        assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--eval-device", "cpu", "--eval-precision", asked,
+                       "--out", out) == 0
+        results = json.loads((out / "results.json").read_text())["results"]
+        assert {r["precision"] for r in results} == {resolved}, (asked, cpu_bf16)
+        report = (out / "report.md").read_text()
+        assert f'"eval_precision": "{resolved}"' in report
+        assert ("ran under bf16 autocast" in report) is (resolved == "bf16")
+        assert "auto autocast" not in report and "tf32 autocast" not in report
+
+
 # ----- partial folders of dead processes --------------------------------------------------------------------------
 def test_partial_folders_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -407,3 +427,15 @@ def test_export_folders_of_dead_processes_are_removed(tmp_path, tiny_model):
     model, cfg = load_export(tiny_model)
     save_export(tmp_path / "export", model, {k: v for k, v in cfg.items() if k != "model"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_resume_refused_over_a_changed_default_says_how_to_give_the_saved_value(tiny_model, tmp_path, capsys):
+    # A run made when --eval-precision defaulted to auto, resumed by a version whose default is fast: the user
+    # typed nothing different, so "use the original options" alone could not help.
+    out = tmp_path / "run"
+    assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--eval-precision", "auto", "--out", out) == 0
+    capsys.readouterr()
+    assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--out", out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "eval.precision: 'auto' -> 'fast'" in err and "--eval-precision auto gives the saved values" in err
+    assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--eval-precision", "auto", "--out", out, "--resume") == 0

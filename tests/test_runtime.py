@@ -151,7 +151,7 @@ def test_bad_precision_is_one_line_and_exit_2(argv, capsys, tmp_path, digit_set)
     assert main(argv + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     option = next(a for a in argv if a.endswith("precision"))  # named as the user typed it (--eval-precision)
-    assert len(err) == 1 and f"{option} must be one of auto, fp32, tf32, bf16" in err[0], err
+    assert len(err) == 1 and f"{option} must be one of auto, fast, fp32, tf32, bf16" in err[0], err
     assert not (tmp_path / "o").exists()
 
 
@@ -299,15 +299,20 @@ def test_memory_format_is_channels_last_for_bf16_on_a_cpu_only():
     assert memory_format("cuda", "bf16") == torch.contiguous_format  # not measured there: the default layout
 
 
-def test_run_evaluates_in_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
-    # Without AVX512-BF16 or AMX, oneDNN emulates bf16 and run's faster default would be slower than fp32.
+def test_fast_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
+    # run evaluates at "fast": without AVX512-BF16 or AMX, oneDNN emulates bf16 and it can be slower than fp32;
+    # on CUDA, fast is auto (tf32). The default does not depend on the host, so --resume moves between hosts.
     import torch
 
     from memdistill import runtime
     from memdistill.run import RunConfig
 
-    for bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "auto")):
+    assert RunConfig().eval.precision == "fast"
+    for bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         assert runtime.cpu_has_bf16() is (bf16 or amx)
-        assert RunConfig().eval.precision == expected
+        assert runtime.resolve_precision("fast", "cpu") == expected
+        assert runtime.resolve_precision("fast", "cuda") == "tf32"
+        assert runtime.memory_format("cpu", "fast") == (torch.channels_last if expected == "bf16"
+                                                         else torch.contiguous_format)

@@ -23,7 +23,7 @@ from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
 from memdistill.reports import format_score
-from memdistill.runtime import autocast, check_precision, memory_format, runtime_info
+from memdistill.runtime import autocast, check_precision, memory_format, resolve_precision, runtime_info
 from memdistill.softlabels import (FULL, LABEL_MODES, SOFT_LR, SOFT_WEIGHT_DECAY, TEMPERATURE, Teacher, kd_loss,
                                    load_teacher, save_teacher, soft_lr_at, teacher_meta)
 
@@ -331,6 +331,7 @@ def evaluate_repeats(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     return {"per_repeat": per_repeat, "best_mean": best_mean, "best_std": best_std, "last_mean": last_mean,
             "last_std": last_std, "epochs": resolved_epochs(config, train_y), "net": config.net,
             "config": asdict(config), "runtime": runtime_info(), "labels": config.labels,
+            "precision": resolve_precision(config.precision, resolve_device(config.device)),  # what auto/fast became
             "teacher": teacher.identity if soft else None, "temperature": config.temperature if soft else None}
 
 

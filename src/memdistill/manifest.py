@@ -265,8 +265,22 @@ def refuse_changed_settings(saved: dict, now: dict, ignore: set[str] = frozenset
     changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise UserError(f"--resume with changed settings ({detail}); use the original options, another --out, "
+        # a setting the user did not type may differ because its default changed between versions: say how to
+        # give the saved value back explicitly
+        saved_values = " ".join(f"{_option_of(k)} {saved[k]}" for k in changed
+                                if isinstance(saved.get(k), (str, int, float)) and not isinstance(saved.get(k), bool))
+        hint = f" (a default may have changed since that run: {saved_values} gives the saved values)" if saved_values \
+            else ""
+        raise UserError(f"--resume with changed settings ({detail}); use the original options{hint}, another --out, "
                         "or --overwrite")
+
+
+def _option_of(key: str) -> str:
+    """The command-line option of a flattened settings key, as run and bench spell them: eval.lr -> --eval-lr,
+    sample.steps -> --sample-steps, finetune.steps -> --steps, steps -> --steps."""
+    section, _, name = key.rpartition(".")
+    prefix = f"{section}-" if section in ("eval", "sample") else ""
+    return "--" + prefix + name.replace("_", "-")
 
 
 def versions() -> dict[str, str]:

@@ -180,7 +180,8 @@ TRAIN_HELP = {
     "log_every": "write a line of metrics.jsonl every this many steps",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "progress": "show a progress bar",
-    "precision": "auto, fp32, tf32 or bf16: tf32 = TensorFloat-32 matrix products (CUDA only; fp32 elsewhere), "
+    "precision": "auto, fast, fp32, tf32 or bf16: tf32 = TensorFloat-32 matrix products (CUDA only; fp32 "
+                 "elsewhere), fast = bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX), else auto, "
                  "bf16 = bfloat16 autocast of the DiT forward (the losses, memories and eviction stay fp32) "
                  "(default: auto = tf32 on CUDA, fp32 on the CPU)",
 }
@@ -212,8 +213,9 @@ SAMPLE_HELP = {
             "the modes, 0 to 2147483647",
     "batch_size": "images sampled at once (does not change the images)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "precision": "auto, fp32, tf32 or bf16 for the DiT's forward passes: tf32 = TensorFloat-32 matrix products (CUDA "
-                 "only; fp32 elsewhere), bf16 = bfloat16 autocast; the sampler's arithmetic stays fp32 "
+    "precision": "auto, fast, fp32, tf32 or bf16 for the DiT's forward passes: tf32 = TensorFloat-32 matrix products "
+                 "(CUDA only; fp32 elsewhere), fast = bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX), else "
+                 "auto, bf16 = bfloat16 autocast; the sampler's arithmetic stays fp32 "
                  "(default: auto = tf32 on CUDA, fp32 on the CPU)",
     "subset": "class list for a checkpoint without an export config (default: none, the export's own)",
     "codec": "pixel or vae, for a checkpoint without an export config (default: none, the export's own)",
@@ -260,9 +262,10 @@ EVAL_HELP = {
     "repeats": "classifiers trained, each with its own seed",
     "seed": "seed of the first classifier (repeat r uses seed + r), 0 to 2147483647",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
-    "precision": "auto, fp32, tf32 or bf16 for the classifier's forward passes (training and test checks): tf32 = "
-                 "TensorFloat-32 matrix products (CUDA only), bf16 = bfloat16 autocast (default: auto = tf32 on "
-                 "CUDA, fp32 on the CPU)",
+    "precision": "auto, fast, fp32, tf32 or bf16 for the classifier's forward passes (training and test checks): "
+                 "tf32 = TensorFloat-32 matrix products (CUDA only), bf16 = bfloat16 autocast, fast = bf16 on a CPU "
+                 "with bf16 instructions (AVX512-BF16, AMX), else auto (default: auto = tf32 on CUDA, fp32 on the "
+                 "CPU)",
     "compile": "torch.compile the classifier (pays off only for long runs)",
     "labels": "hard (the protocol's labels) or soft (knowledge distillation from --teacher: the teacher labels "
               "every augmented, CutMix-ed batch; the student trains as RDED's: AdamW, --soft-lr, half-cosine schedule)",

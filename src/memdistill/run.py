@@ -24,7 +24,8 @@ from .errors import UserError
 from .evaluate import EvalConfig, evaluate_image_set, resolve_test_set
 from .finetune import finetune, finetune_defaults
 from .references import ScoreConfig, references_for, score_set, without_augmentation
-from .runtime import cpu_has_bf16
+from .devices import resolve_device
+from .runtime import resolve_precision
 from .manifest import (NUMBER, check_output_folder, read_json_object, refuse_changed_settings, refuse_existing,
                        write_json_atomic, write_manifest)
 from .sample import SampleConfig, sample_set
@@ -42,11 +43,11 @@ class RunConfig:
     test: str | None = None  # real test images: None = the embedded dataset's test split; else a folder
     finetune: TrainConfig = field(default_factory=finetune_defaults)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # 100 epochs instead of the IPC table's 2000, and bf16 autocast where the CPU computes bf16 natively (there
-    # about 2x faster; within the spread of fp32 over repeats at IPC 1, 10 and 50, docs/benchmarks.md "bf16 against
-    # fp32, paired"), keep the embedded default within minutes on 2 CPU cores. evaluate and bench keep fp32.
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(
-        epochs=100, repeats=3, precision="bf16" if cpu_has_bf16() else "auto"))
+    # 100 epochs instead of the IPC table's 2000, and precision "fast" (bf16 autocast where the CPU computes bf16
+    # natively: there about 2x faster, and within the spread of fp32 over repeats at IPC 1, 10 and 50,
+    # docs/benchmarks.md "bf16 against fp32, paired"), keep the embedded default within minutes on 2 CPU cores.
+    # evaluate and bench keep the protocol's arithmetic (auto).
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(epochs=100, repeats=3, precision="fast"))
     # Off by default: the first full-data reference trains minutes per classifier on a CPU (references module).
     scores: ScoreConfig = field(default_factory=ScoreConfig)
 
@@ -225,12 +226,16 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
     accuracy_plot(results, out / "accuracy.png",
                   title=f"{ft.data}, IPC {cfg.ipc}, {eval_cfg.net}, {eval_cfg.repeats} repeats")
     summary = [{k: r[k] for k in ("method", "ipc", "net", "best_mean", "best_std", "last_mean", "last_std",
-                                  "per_repeat", "epochs", "scores") if k in r} for r in results]
+                                  "per_repeat", "epochs", "precision", "scores") if k in r} for r in results]
+    # the precision the evaluations ran at (fast and auto resolved); older eval files did not record it
+    eval_precision = summary[0].get("precision") or resolve_precision(eval_cfg.precision,
+                                                                       resolve_device(eval_cfg.device))
     write_json_atomic(out / "results.json", {"results": summary, "timings": timings})
     settings = {"data": ft.data, "subset": ft.subset, "test": test, "ipc": cfg.ipc, "memory": ft.memory,
                 "init": ft.init, "finetune_steps": ft.steps, "lambda_real": ft.lambda_real,
                 "lambda_gen": ft.lambda_gen, "mem_real": ft.mem_real, "mem_gen": ft.mem_gen,
                 "net": eval_cfg.net, "repeats": eval_cfg.repeats, "eval_epochs": summary[0]["epochs"],
+                "eval_precision": eval_precision,
                 "cfg_scale": cfg.sample.cfg_scale, "sample_steps": cfg.sample.steps, "seed": ft.seed}
     notes = []
     expected = ["finetune", "sample", *(f"select {b}" for b in baselines), *(f"evaluate {m}" for m in sets)]
@@ -243,9 +248,9 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
     if eval_cfg.epochs is not None:
         notes.append(f"Evaluation trained for {eval_cfg.epochs} epochs (the protocol's IPC table would use more); "
                      "pass --eval-epochs none for the full protocol.")
-    if eval_cfg.precision != "fp32":
-        notes.append(f"Evaluation ran under {eval_cfg.precision} autocast (faster; the protocol trains in fp32): "
-                     "pass --eval-precision fp32 for the protocol's arithmetic.")
+    if eval_precision == "bf16":
+        notes.append("Evaluation ran under bf16 autocast (faster; the protocol trains in fp32): pass "
+                     "--eval-precision fp32 for the protocol's arithmetic.")
     report = write_run_report(out, settings, summary, timings, "grid.png", "accuracy.png", notes)
     write_manifest(out, "run", {"ipc": cfg.ipc, "baselines": baselines, "test": test,
                                 "finetune": dataclasses.asdict(ft), "sample": dataclasses.asdict(cfg.sample),

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 THREADS_ENV = "MEMDISTILL_THREADS"
 MALLOC_ENV = "MEMDISTILL_MALLOC"
 MALLOC_MODES = ("tuned", "default")
-# auto: tf32 on CUDA, fp32 elsewhere (resolve_precision).
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+# auto: tf32 on CUDA, fp32 elsewhere; fast: bf16 on a CPU that computes it natively, else auto (resolve_precision).
+PRECISIONS = ("auto", "fast", "fp32", "tf32", "bf16")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -178,13 +178,17 @@ def check_precision(value: str, option: str = "--precision") -> str:
 
 
 def resolve_precision(precision: str, device) -> str:
-    """The precision a stage runs at on ``device``: ``auto`` is tf32 on CUDA and fp32 elsewhere; tf32 exists on
-    CUDA only (TensorFloat-32 matrix products on Ampere and later), so elsewhere it means fp32. Raises UserError
-    for an unknown ``precision``."""
+    """The precision a stage runs at on ``device``: ``auto`` is tf32 on CUDA and fp32 elsewhere; ``fast`` is bf16
+    on a CPU that computes bf16 natively (cpu_has_bf16: there bf16 autocast halved the evaluation time) and
+    ``auto`` elsewhere (emulated bf16 can be slower than fp32; on CUDA tf32 already serves); tf32 exists on CUDA
+    only (TensorFloat-32 matrix products on Ampere and later), so elsewhere it means fp32. Raises UserError for an
+    unknown ``precision``."""
     import torch
 
     check_precision(precision)
     cuda = torch.device(device).type == "cuda"
+    if precision == "fast":  # bf16 only where it is native and measured to pay (the CPU's bf16 instructions)
+        precision = "auto" if cuda or not cpu_has_bf16() else "bf16"
     if precision == "auto":
         return "tf32" if cuda else "fp32"
     if precision == "tf32" and not cuda:
@@ -201,7 +205,8 @@ def announce_precision(precision: str, device) -> str:
     if precision == "tf32" and resolved == "fp32":
         log.warning("--precision tf32 applies to CUDA only; running in fp32 on %s", torch.device(device))
     else:
-        log.info("precision: %s%s on %s", resolved, " (auto)" if precision == "auto" else "", torch.device(device))
+        log.info("precision: %s%s on %s", resolved, f" ({precision})" if precision in ("auto", "fast") else "",
+                 torch.device(device))
     return resolved
 
 
