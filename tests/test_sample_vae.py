@@ -107,3 +107,25 @@ def test_a_copied_vae_folder_passes_and_a_retrained_copy_does_not(latent_pair, t
 def test_an_export_without_a_recorded_vae_identity_still_samples(latent_pair, tmp_path):
     _, dit = latent_pair  # records its VAE as {"name", "path"} only, as exports did before identities
     assert main([*SAMPLE, "--model", str(dit), "--out", str(tmp_path / "s")]) == 0
+
+
+def test_finetune_resume_refuses_a_vae_retrained_since_and_accepts_a_copy(latent_pair, tmp_path, capsys):
+    """Before, --resume went on with whatever the VAE folder held: steps before and after on different latents,
+    and the export then recorded the new VAE, so sample's check passed too."""
+    import shutil
+
+    vae, init = latent_pair
+    vae = shutil.copytree(vae, tmp_path / "vae")
+    run = tmp_path / "run"
+    args = ["finetune", "--data", "digits", "--init", str(init), "--vae", str(vae), "--out", str(run),
+            "--batch-size", "4", "--memory", "none", "--device", "cpu", "--no-progress", "--checkpoint-every", "1"]
+    assert main([*args, "--steps", "1"]) == 0
+    weights = next(vae.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # copied: new times
+    assert main([*args, "--steps", "2", "--resume"]) == 0
+    _retrain_in_place(vae)
+    capsys.readouterr()
+    assert main([*args, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "the VAE" in err and "changed since the run" in err, err
+    assert json.loads((run / "export" / "config.json").read_text())["steps"] == 2  # the export was not re-stamped

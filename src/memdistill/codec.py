@@ -248,6 +248,20 @@ class VAECodec(Codec):
 IDENTITY_KEYS = ("config_sha256", "padding_sha256", "weights")
 
 
+def vae_changes(recorded: dict, now: dict, weights_sha256) -> list[str]:
+    """The parts ("config", "padding", "weights") in which a VAE's identity ``now`` (VAECodec.identity) differs from
+    the ``recorded`` one; [] when the record has no identity (older exports and states). Weights whose modification
+    times differ count as unchanged when the record holds their sha256 and ``weights_sha256()`` (called only
+    then) gives the same: a copied folder."""
+    if not all(key in recorded for key in IDENTITY_KEYS):
+        return []
+    changed = [key.split("_")[0] for key in IDENTITY_KEYS if now.get(key) != recorded[key]]
+    if changed == ["weights"] and recorded.get("weights_sha256") is not None \
+            and recorded["weights_sha256"] == weights_sha256():
+        return []
+    return changed
+
+
 def _sha256(path: Path) -> str:
     """Hex sha256 of the file ``path``, read in 1 MB chunks."""
     digest = hashlib.sha256()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checks import flag, require_finite, require_int
-from .codec import IDENTITY_KEYS, Codec, check_latents_fit, make_codec
+from .codec import Codec, check_latents_fit, make_codec, vae_changes
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, SAMPLERS, GaussianDiffusion, image_generator
 from .errors import UserError
@@ -321,12 +321,7 @@ def _check_vae_unchanged(codec, recorded: dict, model: str) -> None:
     differently. Weights whose modification times differ are compared by content when the export recorded their
     sha256 (VAECodec.weights_sha256), so a copied folder passes. Exports that record no identity (older ones) are
     not checked; an explicit --vae is taken as is."""
-    if not all(key in recorded for key in IDENTITY_KEYS):
-        return
-    now = codec.identity()
-    changed = [key.split("_")[0] for key in IDENTITY_KEYS if now.get(key) != recorded[key]]
-    if changed == ["weights"] and recorded.get("weights_sha256") == codec.weights_sha256():
-        changed = []  # the same bytes with other modification times: a copy of the folder (another machine)
+    changed = vae_changes(recorded, codec.identity(), codec.weights_sha256)
     if changed:
         raise UserError(f"the VAE {recorded.get('path')} changed since the model {model} was trained (its "
                         f"{', '.join(changed)} differ): its latents may decode differently; pass --vae "

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checks import MAX_LR, MAX_WEIGHT_DECAY, flag, require_finite, require_int
+from .codec import vae_changes
 from .devices import dist_setup, resolve_device
 from .diffusion import NUM_TIMESTEPS, GaussianDiffusion
 from .errors import UserError
@@ -297,8 +298,8 @@ def load_train_data(cfg: TrainConfig, device: torch.device | None = None, rank: 
     else:
         posterior, targets = encode_dataset(codec, ds, cache, flip=flip)
     codec_config = codec.identity()
-    if hasattr(codec, "weights_sha256") and rank == 0:  # the export records the VAE's bytes too (sample's check)
-        codec_config["weights_sha256"] = codec.weights_sha256()
+    if hasattr(codec, "weights_sha256"):  # the export and the resume state record the VAE's bytes too (every
+        codec_config["weights_sha256"] = codec.weights_sha256()  # rank, so that all take one resume decision)
     return TrainData(posterior, targets.long().cpu(), list(ds.class_names), list(ds.cond_labels),
                      ds.identity, codec_config, (ds.channels, ds.resolution, ds.resolution), ds.label_mapping)
 
@@ -386,7 +387,7 @@ def check_resume(state: dict, cfg: TrainConfig, data: TrainData, steps: int, pat
     """What a resume state must agree with before training goes on (UserError, one line, otherwise): the settings
     it was saved with (unless ``settings_checked`` against the run's config.json already: a state of an older
     version may lack settings added since), the data it was trained on (TrainData.identity: the file list with
-    sizes, the resolution, the classes) and a length (``steps``) not below the step it already reached."""
+    sizes, the resolution, the classes), the VAE's files (codec.vae_changes) and a length (``steps``) not below the step it already reached."""
     if not settings_checked:
         check_settings(state["config"], cfg)
     trained_on = state.get("data")  # absent in states of older versions: nothing to compare
@@ -394,6 +395,13 @@ def check_resume(state: dict, cfg: TrainConfig, data: TrainData, steps: int, pat
         raise UserError(f"--resume: the data differ from those the run in {path.parent.parent} was trained on "
                         f"(--data {cfg.data}: {data.identity}, was {trained_on}); resume on the same images, or "
                         "start again with --overwrite or another --out")
+    recorded = state.get("codec")  # absent in states of older versions
+    changed = vae_changes(recorded, data.codec_config, lambda: data.codec_config.get("weights_sha256")) \
+        if isinstance(recorded, dict) else []
+    if changed:
+        raise UserError(f"--resume: the VAE {recorded.get('path')} changed since the run in {path.parent.parent} was "
+                        f"trained with it (its {', '.join(changed)} differ), so its latents differ too; resume with "
+                        "the VAE as it was, or start again with --overwrite or another --out")
     if steps < state["step"]:
         length = f"--steps {cfg.steps}" if cfg.steps is not None else f"--epochs {cfg.epochs or 1:g} ({steps} steps)"
         raise UserError(f"--resume: {length} is below step {state['step']}, which the run in {path.parent.parent} "
@@ -639,7 +647,7 @@ def run_training(cfg: TrainConfig, out: str | Path, model: torch.nn.Module, data
         state = {"model": trainable_state(model, tuned), "ema": trainable_state(ema, tuned), "opt": opt.state_dict(),
                  "memories": memories.state_dict() if memories is not None else None,
                  "rng": rng_state(), "step": step, "config": dataclasses.asdict(cfg), "frozen": frozen,
-                 "data": data.identity}
+                 "data": data.identity, "codec": data.codec_config}
         save_atomic(state, out / "checkpoints" / "last.pt")
 
     # The first step whose loss was not finite, recorded on the device every step and read only when the
