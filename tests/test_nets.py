@@ -112,7 +112,7 @@ def test_computed_feature_side_equals_the_real_one(name, size):
     """The size check reads every stride and pool of the main path, the large-image stem included."""
     from memdistill.nets import feature_side
 
-    net = build_net(name, 3, 1, size)
+    net = build_net(name, 3, 1, size, "batch")  # the geometry (instance norm refuses 1x1 final maps, below)
     path = [net.features] if hasattr(net, "features") else \
         [net.stem, *(m for b in net.stages for m in (b.conv1, b.conv2))]
     assert feature_side(path, size) == _map_side(net, 1, size)
@@ -125,9 +125,23 @@ def test_computed_feature_side_equals_the_real_one(name, size):
 @pytest.mark.parametrize("name,minimum", [("convnet1", 2), ("convnet3", 8), ("convnet6", 64),
                                           ("resnetap10", 8), ("resnet18", 5)])
 def test_each_net_at_its_minimum_size(name, minimum):
-    assert _forward(build_net(name, 4, 1, minimum), 1, minimum).shape == (2, 4)
+    assert _forward(build_net(name, 4, 1, minimum, "batch"), 1, minimum).shape == (2, 4)
     with pytest.raises(UserError, match=f"at least {minimum} px"):
-        build_net(name, 4, 1, minimum - 1)
+        build_net(name, 4, 1, minimum - 1, "batch")
+
+
+# With instance norm a ResNet's last stage needs maps of at least 2x2: instance norm of a 1x1 map subtracts its only
+# value, so the net output one constant for every image (chance accuracy, silently, before this check).
+# ResNetAP-10: side // 8 >= 2 -> 16. ResNet-18: 9 -> 5 -> 3 -> 2, while 8 -> 4 -> 2 -> 1.
+@pytest.mark.parametrize("name,minimum", [("resnetap10", 16), ("resnet18", 9)])
+def test_a_resnet_with_instance_norm_needs_more_than_a_1x1_final_map(name, minimum):
+    net = build_net(name, 4, 1, minimum, "instance").eval()
+    with torch.no_grad():
+        out = net(torch.randn(6, 1, minimum, minimum, generator=torch.Generator().manual_seed(0)))
+    assert out.std(0).max() > 1e-3  # the outputs depend on the image
+    with pytest.raises(UserError, match=f"instance norm.*at least {minimum} px"):
+        build_net(name, 4, 1, minimum - 1, "instance")
+    assert build_net(name, 4, 1, minimum - 1, "batch") is not None
 
 
 def test_evaluate_cli_refuses_resnet18_at_2px(tmp_path, capsys):

@@ -43,15 +43,15 @@ def feature_side(path: Iterable[nn.Module], side: int) -> int:
     return side
 
 
-def minimum_side(path: list[nn.Module]) -> int:
-    """The smallest input side for which feature_side(path, side) >= 1 (it grows with the input side)."""
+def minimum_side(path: list[nn.Module], at_least: int = 1) -> int:
+    """The smallest input side for which feature_side(path, side) >= at_least (it grows with the input side)."""
     high = 1
-    while feature_side(path, high) < 1:
+    while feature_side(path, high) < at_least:
         high *= 2
     low = high // 2  # invalid (or 0)
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if feature_side(path, mid) >= 1 else (mid, high)
+        low, high = (low, mid) if feature_side(path, mid) >= at_least else (mid, high)
     return high
 
 
@@ -167,8 +167,14 @@ class ResNet(nn.Module):
                 c_in = width
         self.stages = nn.Sequential(*stages)
         # The main path only: each shortcut down-samples in step with its block's conv1.
-        self.feature_side = _check_size([self.stem, *(m for blk in stages for m in (blk.conv1, blk.conv2))],
-                                        image_size, label, "use larger images (--image-size) or a ConvNet")
+        path = [self.stem, *(m for blk in stages for m in (blk.conv1, blk.conv2))]
+        self.feature_side = _check_size(path, image_size, label, "use larger images (--image-size) or a ConvNet")
+        if norm == "instance" and self.feature_side < 2:
+            # instance norm of a 1x1 map subtracts its only value: every feature becomes the norm's bias and the
+            # net outputs one constant for every image (chance accuracy, silently)
+            raise UserError(f"{image_size} px is too small for {label} with instance norm: its last stage would "
+                            f"normalise 1x1 maps, which erases every feature; use --norm batch, images of at least "
+                            f"{minimum_side(path, at_least=2)} px (--image-size) or a ConvNet")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(512, num_classes)
 
