@@ -8,7 +8,8 @@ replicate's mean over classifier repeats (the spread that a new fine-tune-and-sa
 classifiers pooled, and the difference to --base paired by replicate and classifier seed (mean ± std over the
 pairs, and how many pairs favour the method); then the diversity and coverage of the sets and the DD-Ranking
 HLR / IOR, each averaged over the replicates. Cells missing from a replicate are left out of that replicate
-only (the count says how many contributed).
+only (the count says how many contributed). Benches that are not replicates of one another (a folder twice,
+the same seeds, or other settings that differ) are refused.
 """
 
 from __future__ import annotations
@@ -27,14 +28,33 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
+# Settings that make the replicates: they must differ; every other setting must agree.
+REPLICATE_KEYS = ("seed", "sample_seed")
+
+
 def load(folders: list[str]) -> list[dict]:
-    """The bench.json of each folder (SystemExit naming the folder when one is missing)."""
-    out = []
+    """The bench.json of each folder. SystemExit naming the folder when one is missing, when a folder is given
+    twice, when two benches share their replicate seeds (REPLICATE_KEYS), or when their other settings differ
+    (pooling them would mix experiments)."""
+    out, seen = [], {}
     for folder in folders:
         path = Path(folder) / "bench.json"
         if not path.is_file():
             raise SystemExit(f"{folder}: no bench.json (has that bench finished?)")
+        if path.resolve() in seen:
+            raise SystemExit(f"{folder} is given twice")
+        seen[path.resolve()] = folder
         out.append(json.loads(path.read_text()))
+    first = out[0].get("settings", {})
+    for folder, bench in zip(folders[1:], out[1:]):
+        settings = bench.get("settings", {})
+        other = sorted(k for k in set(first) | set(settings)
+                       if k not in REPLICATE_KEYS and first.get(k) != settings.get(k))
+        if other:
+            raise SystemExit(f"{folder} and {folders[0]} differ in {', '.join(other)}: not replicates of one bench")
+        if all(first.get(k) == settings.get(k) for k in REPLICATE_KEYS):
+            raise SystemExit(f"{folder} and {folders[0]} have the same seeds ({', '.join(REPLICATE_KEYS)}): "
+                             "not different replicates")
     return out
 
 
@@ -92,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="dit", help="method the paired differences are taken against (default dit)")
     p.add_argument("--ipc", type=int, default=None, help="only this IPC (default: all)")
     args = p.parse_args(argv)
-    print("\n".join(summarise(load(args.benches), args.base, args.ipc)))
+    benches = load(args.benches)
+    if not any(args.base in b["methods"] for b in benches):
+        raise SystemExit(f"--base {args.base} is not among the benches' methods")
+    if args.ipc is not None and not any(c["ipc"] == args.ipc for b in benches for c in b["cells"]):
+        raise SystemExit(f"--ipc {args.ipc}: no cell of that IPC in these benches")
+    print("\n".join(summarise(benches, args.base, args.ipc)))
     return 0
 
 

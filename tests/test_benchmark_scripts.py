@@ -203,15 +203,17 @@ def test_bench_precision_quick_prints_paired_rows(capsys):
 def test_replicates_pairs_by_replicate_and_classifier_seed(tmp_path, capsys):
     import replicates
 
-    def bench(folder, dit, adaptive, coverage):
+    def bench(folder, dit, adaptive, coverage, seed=None, cfg=4.0):
+        seed = folder if seed is None else seed
         cells = [{"method": m, "ipc": 10, "net": "convnet3",
                   "per_repeat": [{"seed": s, "best": b} for s, b in enumerate(bests)],
                   "scores": {"hlr": {"mean": 90 - sum(bests) / len(bests)}, "ior": {"mean": 1.0}}}
                  for m, bests in (("dit", dit), ("adaptive", adaptive))]
         metrics = [{"method": "adaptive", "ipc": 10, "diversity": 0.1, "coverage": coverage}]
         (tmp_path / folder).mkdir()
+        settings = {"seed": seed, "sample_seed": seed, "cfg_scale": cfg}
         (tmp_path / folder / "bench.json").write_text(json.dumps(
-            {"methods": ["dit", "adaptive"], "cells": cells, "metrics": metrics}))
+            {"methods": ["dit", "adaptive"], "cells": cells, "metrics": metrics, "settings": settings}))
         return str(tmp_path / folder)
 
     r0 = bench("r0", dit=[80, 82], adaptive=[81, 85], coverage=0.2)  # diffs +1, +3
@@ -223,3 +225,14 @@ def test_replicates_pairs_by_replicate_and_classifier_seed(tmp_path, capsys):
     assert "| 10 | adaptive | 0.100 | 0.300 |" in out
     with pytest.raises(SystemExit, match="no bench.json"):
         replicates.main([str(tmp_path)])
+    # benches that are not replicates of one another are refused, and so are a base or IPC they lack
+    with pytest.raises(SystemExit, match="given twice"):
+        replicates.main([r0, r0])
+    with pytest.raises(SystemExit, match="differ in cfg_scale"):
+        replicates.main([r0, bench("r2", [1, 1], [1, 1], 0.1, cfg=2.0)])
+    with pytest.raises(SystemExit, match="same seeds"):
+        replicates.main([r0, bench("r3", [1, 1], [1, 1], 0.1, seed="r0")])
+    with pytest.raises(SystemExit, match="--base herding"):
+        replicates.main([r0, r1, "--base", "herding"])
+    with pytest.raises(SystemExit, match="--ipc 3"):
+        replicates.main([r0, r1, "--ipc", "3"])
