@@ -232,7 +232,8 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
     device = resolve_device(config.device)
     size = config.image_size or min(train_x.shape[-2:])
     teacher = resolve_teacher(config, teacher, num_classes, int(train_x.shape[1]), size)
-    layout = memory_format(device, config.precision)  # channels-last for bf16 on a CPU: faster, see runtime
+    precision = resolve_precision(config.precision, device)  # once: auto and fast become what they mean here
+    layout = memory_format(device, precision)  # channels-last for bf16 on a CPU: faster, see runtime
     if teacher is not None:
         teacher.model.to(device)
     epochs = resolved_epochs(config, train_y)
@@ -274,7 +275,7 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
                 x, target = cutmix(x, y, num_classes, config.cutmix_beta, generator)
             else:
                 target = F.one_hot(y, num_classes).float()
-            with autocast(device, config.precision):
+            with autocast(device, precision):
                 logits = forward(x)
                 # the teacher labels the very images the student sees: augmented and mixed
                 teacher_logits = teacher(x) if teacher is not None else None
@@ -290,7 +291,7 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
                 raise UserError(f"training the {config.net} classifier diverged: its weights became non-finite "
                                 f"(NaN or infinity) by epoch {epoch + 1} (seed {seed}); no result was written. "
                                 f"Use a smaller learning rate (now {config.lr:g}; --lr, in run and bench --eval-lr)")
-            acc = _accuracy(model, test_ready, test_y, device, config.precision)
+            acc = _accuracy(model, test_ready, test_y, device, precision)
             history.append((epoch + 1, acc))
             log.debug("epoch %d: loss %.4f, top-1 %.2f%%", epoch + 1, loss.item(), acc)
     best, last = max(acc for _, acc in history), history[-1][1]

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .checks import flag
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,7 @@ def _option_of(key: str) -> str:
     """The command-line option of a flattened settings key, as run and bench spell them: eval.lr -> --eval-lr,
     sample.steps -> --sample-steps, finetune.steps -> --steps, steps -> --steps."""
     section, _, name = key.rpartition(".")
-    prefix = f"{section}-" if section in ("eval", "sample") else ""
-    return "--" + prefix + name.replace("_", "-")
+    return flag(name, f"{section}-" if section in ("eval", "sample") else "")
 
 
 def versions() -> dict[str, str]:

@@ -222,7 +222,7 @@ def cpu_has_bf16() -> bool:
 def memory_format(device, precision: str):
     """The tensor layout a convolutional classifier should train and test in at ``precision`` on ``device``:
     torch.channels_last for bf16 on a CPU, where oneDNN's bf16 convolutions (AMX/AVX512-BF16 kernels) and the
-    pooling run faster in it (the ConvNet-3 evaluation step 1.25x eager, 1.3x compiled; benchmarks/bench_cpu.py,
+    pooling run faster in it (ConvNet-3 evaluation end to end 1.24x eager, 1.34x compiled; benchmarks/bench_cpu.py,
     "layout"), else torch.contiguous_format. fp32 keeps NCHW: there channels-last was slower, and fp32 results
     stay those of earlier versions."""
     import torch

@@ -387,7 +387,8 @@ def check_resume(state: dict, cfg: TrainConfig, data: TrainData, steps: int, pat
     """What a resume state must agree with before training goes on (UserError, one line, otherwise): the settings
     it was saved with (unless ``settings_checked`` against the run's config.json already: a state of an older
     version may lack settings added since), the data it was trained on (TrainData.identity: the file list with
-    sizes, the resolution, the classes), the VAE's files (codec.vae_changes) and a length (``steps``) not below the step it already reached."""
+    sizes, the resolution, the classes), the VAE's files (codec.vae_changes) and a length (``steps``) not below
+    the step it already reached."""
     if not settings_checked:
         check_settings(state["config"], cfg)
     trained_on = state.get("data")  # absent in states of older versions: nothing to compare
