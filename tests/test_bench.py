@@ -193,8 +193,40 @@ def test_bench_scores_every_cell_in_a_second_table(tmp_path, capsys):
     report = (out / "bench.md").read_text()
     assert "## DD-Ranking scores" in report and "| IPC | net | method | HLR (points) | IOR (points) | LRS |" in report
     assert "| 1 | convnet1 | Herding |" in report
-    with pytest.raises(UserError, match="--ars"):  # no ARS in the bench (the CLI has no --ars there)
-        bench.BenchConfig(scores=dataclasses.replace(bench.BenchConfig().scores, ars=True)).validate()
+    with pytest.raises(UserError, match="--ars scores the method grid"):
+        bench.BenchConfig(sweep=True, scores=dataclasses.replace(bench.BenchConfig().scores, ars=True)).validate()
     out3 = tmp_path / "b3"
     bench_cli(*TINY, "--method", "random", "--ipc", "1", "--no-metrics", "--no-scores", "--out", out3)
     assert "DD-Ranking" not in (out3 / "bench.md").read_text()
+
+
+def test_bench_ars_adds_one_cell_without_augmentation_per_cell_on_resume(tmp_path, counters):
+    """--ars on a resumed bench evaluates only the new no-augmentation cells (with augmentation off) and scores
+    ARS from them: the stored ARS equals scores.augmentation_robust_score of the stored accuracies."""
+    from memdistill.references import without_augmentation
+    from memdistill.scores import augmentation_robust_score
+
+    out = tmp_path / "bench"
+    args = [*TINY, "--method", "random,herding", "--ipc", "1", "--no-metrics", "--full-data-epochs", "1",
+            "--references-cache", tmp_path / "refs", "--out", out]
+    bench_cli(*args)
+    assert "ARS" not in (out / "bench.md").read_text()
+    first = len(counters["evaluate"])
+    bench_cli(*args, "--resume", "--ars")
+    assert len(counters["evaluate"]) == first + 2  # one no-augmentation cell per method, nothing else again
+    result = json.loads((out / "bench.json").read_text())
+    for c in result["cells"]:
+        noaug = json.loads((out / "cells" / f"{c['method']}-ipc1-convnet1-noaug.json").read_text())
+        aug = json.loads((out / "cells" / f"{c['method']}-ipc1-convnet1.json").read_text())
+        # the same protocol with augmentation off, nothing else changed
+        assert noaug["config"] == dataclasses.asdict(without_augmentation(type(bench.BenchConfig().eval)(
+            **aug["config"])))
+        assert noaug["config"] != aug["config"]
+        s = c["scores"]
+        set_noaug = [r["best"] for r in noaug["per_repeat"]]
+        assert s["set_noaug"]["per_repeat"] == set_noaug
+        want = [augmentation_robust_score(a["best"] - r, n - rn, s["ars_lambda"], s["scaling"])
+                for a, r, n, rn in zip(c["per_repeat"], s["random_real"]["per_repeat"], set_noaug,
+                                       s["random_noaug"]["per_repeat"])]
+        assert s["ars"]["per_repeat"] == pytest.approx(want)
+    assert "| ARS |" in (out / "bench.md").read_text()

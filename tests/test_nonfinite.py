@@ -1,7 +1,6 @@
 """No stage turns NaN or infinity into something that looks like a result: training stops naming the step,
 sampling refuses non-finite weights and images, evaluation refuses a diverged classifier."""
 
-import json
 import shutil
 from pathlib import Path
 

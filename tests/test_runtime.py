@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memdistill import runtime
-from memdistill.bench import BenchConfig, add_bench_parser, config_from_namespace
+from memdistill.bench import BenchConfig, config_from_namespace
 from memdistill.cli import build_parser, main
 from memdistill.errors import UserError
 from memdistill.evaluate import EvalConfig, epochs_for_ipc, resolved_epochs, train_and_test

@@ -245,10 +245,10 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
         config = replace(config, teacher=result["teacher"]["path"])
     full = references.full_data(config, cfg.full_data_epochs)
     random = references.random_real(config, ipc)
-    noaug = {}
+    noaug, random_noaug = {}, None
     if noaug_result is not None:
-        noaug = {"set_noaug": _best(noaug_result),
-                 "random_noaug": _best(references.random_real(without_augmentation(config), ipc))}
+        random_noaug = references.random_real(without_augmentation(config), ipc)
+        noaug = {"set_noaug": _best(noaug_result), "random_noaug": _best(random_noaug)}
     scores = score_repeats(_best(result), _best(full), _best(random), cfg.lrs_weight, cfg.score_scaling,
                            ars_lambda=cfg.ars_lambda, set_hard=_best(hard_result) if soft else None, **noaug)
     scores.update(full_data=_summary(full), random_real=_summary(random), reference_data=references.train_ds.identity,
@@ -256,7 +256,7 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
     if soft:
         scores["set_hard"] = _summary(hard_result)
     if noaug_result is not None:
-        scores["set_noaug"] = _summary(noaug_result)
+        scores["set_noaug"], scores["random_noaug"] = _summary(noaug_result), _summary(random_noaug)
     return scores
 
 

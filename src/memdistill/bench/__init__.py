@@ -11,7 +11,9 @@ Figure 4 instead: accuracy at one IPC against lambda_real, lambda_gen and the me
 Layout of the output folder (every unit is written atomically; one that exists is not redone):
     models/<method>/                        fine-tune runs (finetune, minimax, adaptive), made once, reused everywhere
     sets/<method>-ipc<k>/                   image sets
-    cells/<method>-ipc<k>-<net>.json        one evaluation (all repeats): the unit of resume
+    cells/<method>-ipc<k>-<net>.json        one evaluation (all repeats): the unit of resume (with -hard / -noaug:
+                                            the same set with hard labels under --eval-labels soft / without
+                                            augmentation under --ars, for the scores)
     metrics/<method>-ipc<k>.json            diversity and coverage of one set
     features/extractor.json                 the feature classifier of the metrics (a judge: memdistill.judge, cached
                                             outside the bench, shared with every command)

@@ -151,14 +151,19 @@ class _Bench:
                           judge_epochs=s.judge_epochs, judge_cache=s.judge_cache, device=s.device, overwrite=True)
 
     # -- evaluation and metrics
-    def cell(self, path: Path, set_folder: Path, net: str, label: str, hard: bool = False) -> dict:
+    def cell(self, path: Path, set_folder: Path, net: str, label: str, hard: bool = False,
+             noaug: bool = False) -> dict:
         """The evaluation of ``set_folder`` by ``net`` (stored in ``path``, reused from there); ``hard``: with hard
-        labels whatever --eval-labels says (the set's HLR under soft labels, references.score_set)."""
+        labels whatever --eval-labels says (the set's HLR under soft labels, references.score_set); ``noaug``:
+        without augmentation (references.without_augmentation, for ARS)."""
+        from ..references import without_augmentation
+
         if path.is_file():
             return read_json_object(path, CELL_KEYS, what="delete it to evaluate that cell again")
         log.info("cell %s: evaluating %s, %d repeats", label, net, self.cfg.repeats)
         config = dataclasses.replace(self.cfg.eval, net=net, repeats=self.cfg.repeats)
         config = config.with_hard_labels() if hard else config
+        config = without_augmentation(config) if noaug else config
         t0 = time.perf_counter()
         # soft labels: one teacher per net, trained on the fine-tuning data's train split and kept in teacher/
         result = self.timed(f"evaluate {label}", evaluate_image_set, set_folder, self.test, config,

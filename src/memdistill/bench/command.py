@@ -60,7 +60,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_config_args(p, defaults.sample, skip={"model", "ipc", "classes", "subset", "codec", "labels", "pool", "select",
                                               "keep_pool", "from_pool"}, help=SAMPLE_HELP, prefix="sample")
     add_config_args(p, defaults.eval, skip={"net", "repeats"}, help=EVAL_HELP, prefix="eval")
-    add_config_args(p, defaults.scores, skip={"ars", "ars_lambda"}, help=SCORE_HELP)
+    add_config_args(p, defaults.scores, help=SCORE_HELP)
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--resume", action="store_true", help="continue the bench in --out; finished cells are kept")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")

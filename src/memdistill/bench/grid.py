@@ -58,9 +58,11 @@ def _method_sentence(methods, bench: _Bench) -> str:
     return " ".join(parts)
 
 
-def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int, hard: dict | None = None) -> dict:
+def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int, hard: dict | None = None,
+                 noaug: dict | None = None) -> dict:
     """DD-Ranking's scores of one cell against references under the cell's protocol (trained once, cached);
-    ``hard``: the cell's set evaluated with hard labels (needed with soft labels, for HLR)."""
+    ``hard``: the cell's set evaluated with hard labels (needed with soft labels, for HLR); ``noaug``: evaluated
+    without augmentation (gives ARS)."""
     from ..evaluate import EvalConfig
     from ..references import references_for, score_set
 
@@ -70,7 +72,7 @@ def _cell_scores(bench: _Bench, result: dict, net: str, ipc: int, hard: dict | N
         bench.references = references_for(result, bench.cfg.scores, bench.cfg.finetune.subset,
                                           default_data=bench.cfg.finetune.data)
     return score_set(result, bench.references, EvalConfig(**result["config"]), ipc, bench.cfg.scores,
-                     hard_result=hard)
+                     noaug_result=noaug, hard_result=hard)
 
 
 def _run_grid(bench: _Bench) -> Path:
@@ -97,7 +99,11 @@ def _run_grid(bench: _Bench) -> Path:
                     if cfg.eval.labels == "soft":  # HLR compares hard-label accuracies (references.score_set)
                         hard = bench.cell(out / "cells" / f"{label}-hard.json", sets[m, k], net, f"{label} hard",
                                           hard=True)
-                    cells[-1]["scores"] = _cell_scores(bench, result, net, k, hard)
+                    noaug = None
+                    if cfg.scores.ars:  # ARS: the set trained again without augmentation, a cell of its own
+                        noaug = bench.cell(out / "cells" / f"{label}-noaug.json", sets[m, k], net,
+                                           f"{label} without augmentation", noaug=True)
+                    cells[-1]["scores"] = _cell_scores(bench, result, net, k, hard, noaug)
     metrics = []
     if cfg.metrics:
         for m in methods:
