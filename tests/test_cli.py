@@ -257,3 +257,38 @@ def test_bench_guidance_variants_stay_valid_under_the_typed_option_checks():
 
     assert variant_overrides("cfgint:200,800") == {"cfg_interval": "200,800"}
     assert variant_overrides("modes:0.2:0.5:3")["modes"] == 3
+
+
+@pytest.mark.parametrize("flag, want", [("--no-progress", {True}), ("--progress", {None}), (None, {None})])
+def test_no_progress_hides_every_bar_of_a_command(small_set, tmp_path, monkeypatch, flag, want):
+    """--no-progress reaches the bars of evaluate (and of any stage: runtime.bars_disabled); without it a bar
+    shows where stderr is a terminal (tqdm's disable=None)."""
+    import memdistill.evaluate as evaluate
+    from memdistill import runtime
+
+    seen, real_tqdm = [], evaluate.tqdm
+
+    def tqdm(*a, **kw):
+        seen.append(kw.get("disable"))
+        return real_tqdm(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "tqdm", tqdm)
+    monkeypatch.setattr(runtime, "_bars", {"on": None})  # what this test sets stays in it
+    args = ["evaluate", "--train", small_set, "--test", "digits", "--net", "convnet1", "--epochs", "1",
+            "--repeats", "1", "--out", tmp_path / "e"]
+    assert run_cli(*args, *([flag] if flag else [])) == 0
+    assert seen and set(seen) == want
+
+
+def test_bench_no_progress_reaches_the_evaluation_bars(tmp_path, monkeypatch):
+    """--no-progress of a command that drives stages (bench, run) hides their bars too, not only fine-tuning's."""
+    import memdistill.evaluate as evaluate
+    from memdistill import runtime
+
+    seen, real_tqdm = [], evaluate.tqdm
+    monkeypatch.setattr(evaluate, "tqdm", lambda *a, **kw: seen.append(kw.get("disable")) or real_tqdm(*a, **kw))
+    monkeypatch.setattr(runtime, "_bars", {"on": None})
+    assert run_cli("bench", "--data", "digits", "--method", "random", "--ipc", "1", "--eval-net", "convnet1",
+                   "--eval-epochs", "1", "--eval-repeats", "1", "--no-metrics", "--no-scores", "--no-progress",
+                   "--out", tmp_path / "b") == 0
+    assert seen and set(seen) == {True}

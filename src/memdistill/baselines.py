@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .data import ImageDataset, per_class_indices
 from .errors import UserError
 from .imageset import check_target, write_image_set
+from .runtime import bars_disabled
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def select_indices(method: str, dataset: ImageDataset, ipc: int, seed: int = 0, 
             raise UserError(f"class {name!r} has only {len(idx)} images, fewer than ipc {ipc}")
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     chosen = []
-    for idx in tqdm(per_class, desc=f"{method} selection", unit="class", disable=None):
+    for idx in tqdm(per_class, desc=f"{method} selection", unit="class", disable=bars_disabled()):
         idx = idx.tolist()
         if method == "random":
             picks = torch.randperm(len(idx), generator=g)[:ipc].tolist()

@@ -69,6 +69,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> None:
     from .checks import require_int
     from .fidelity import SAMPLES_FILE, format_result, measure_model, measure_set, sample_grid
     from .manifest import write_json_atomic
+    from .runtime import bars_disabled
     from .sample import SampleConfig
 
     if (args.model is None) == (args.set is None):
@@ -82,7 +83,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> None:
     else:
         cfg = config_from_args(SampleConfig, args, SampleConfig(model=args.model))
         result, images, labels, names = measure_model(cfg, args.per_class, args.data, args.test,
-                                                      progress=sys.stderr.isatty())
+                                                      progress=bars_disabled() is None and sys.stderr.isatty())
         say(f"model: {args.model}; {args.per_class} samples per class, guidance {cfg.cfg_scale:g}, "
             f"{cfg.steps} {cfg.sampler} steps, {result['sampling_seconds']:.0f} s")
     out = Path(args.out)
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="comma-separated label indices to sample (default: all)")
     p.add_argument("--out", default="runs/sample", help="output image set folder (default: runs/sample)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    _add_progress_arg(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("fidelity", help="class fidelity of a model's samples (or of an image set) under a judge "
@@ -306,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "in --out)")
     p.add_argument("--out", default="runs/fidelity", help="folder for results.json (default: runs/fidelity)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
+    _add_progress_arg(p)
     p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("select", help="select IPC real images per class (random or herding baseline)")
@@ -322,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice, 0 to 2147483647 (default: 0)")
     p.add_argument("--out", default="runs/select", help="output image set folder (default: runs/select)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    _add_progress_arg(p)
     p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser("evaluate", help="train classifiers on an image set, test on real images")
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stop at the first)")
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json (default: runs/evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
+    _add_progress_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write an image set in another tool's layout (DD-Ranking)",
@@ -354,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", required=True, help="the image set (from sample or select) or a class-per-folder tree")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_progress_arg(p)
     p.set_defaults(func=_cmd_export)
 
     run_defaults = RunConfig()
@@ -389,6 +395,14 @@ THREADS_HELP = ("intra-op CPU threads: a number or auto (default: auto = the cor
                 "thread counts (parallel sums); the thread count is recorded in every manifest")
 
 
+PROGRESS_HELP = "show progress bars (default: when stderr is a terminal); --no-progress hides every bar"
+
+
+def _add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress for a command whose settings have no progress field of their own."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=PROGRESS_HELP)
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     """--threads both before the subcommand and after it; SUPPRESS keeps a subparser's default from hiding a
     value given before the subcommand."""
@@ -414,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # denormals make CPU steps erratically slow
     try:
         runtime.set_threads(getattr(args, "threads", None))
+        runtime.set_progress(getattr(args, "progress", None))  # every bar, not only a stage's own
         check_command(args)  # seeds, --latent-cache, --out against the inputs: before any stage starts
         args.func(args)
     except UserError as err:

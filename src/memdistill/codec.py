@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memdistill.errors import UserError
+from memdistill.runtime import bars_disabled
 from memdistill.latents import LatentPosterior
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,7 @@ def encode_dataset(
                                          num_workers=loader_workers(dataset),
                                          pin_memory=getattr(codec, "device", torch.device("cpu")).type == "cuda")
     means, logvars, ys = [], [], []
-    for x, y in tqdm(loader, desc=f"encoding ({codec.name})", unit="batch", disable=None):
+    for x, y in tqdm(loader, desc=f"encoding ({codec.name})", unit="batch", disable=bars_disabled()):
         m, lv = codec.posterior(_views(x, flip).flatten(0, 1))  # (b * V, *latent_shape) each
         means.append(m.cpu().to(CACHE_DTYPE).unflatten(0, (-1, views)))
         logvars.append(lv.cpu().to(CACHE_DTYPE).unflatten(0, (-1, views)))

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from memdistill.errors import UserError
+from memdistill.runtime import bars_disabled
 from memdistill.pixels import eight_bit, image_to_array, is_grey_mode
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,7 @@ class FolderImageDataset(ImageDataset):
         grey = True
         self.verified = verify
         with tqdm(total=total, desc="checking images" if verify else "reading headers", unit="img",
-                  disable=None) as bar:
+                  disable=bars_disabled()) as bar:
             for label, (name, files) in enumerate(zip(self.class_names, per_class)):
                 kept = 0
                 for path in files:
@@ -444,7 +445,7 @@ class FolderImageDataset(ImageDataset):
         """Decode every image of a dataset opened with verify=False; UserError naming the first damaged one."""
         if self.verified:
             return
-        for path in tqdm(self.paths, desc="checking images", unit="img", disable=None):
+        for path in tqdm(self.paths, desc="checking images", unit="img", disable=bars_disabled()):
             reason, _, _ = _check_image(path)
             if reason is not None:
                 raise UserError(f"unreadable image {path} ({reason}); fix or remove it, or pass --skip-bad-images to skip it")
@@ -565,7 +566,7 @@ def load_tensors(dataset: ImageDataset, batch_size: int = 256) -> tuple[torch.Te
     warn_if_too_big(len(dataset), dataset.channels, dataset.resolution, "loading the images into memory")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     xs, ys = [], []
-    for x, y in tqdm(loader, desc="loading images", unit="batch", disable=None):
+    for x, y in tqdm(loader, desc="loading images", unit="batch", disable=bars_disabled()):
         xs.append(x)
         ys.append(y)
     if not xs:

@@ -23,7 +23,7 @@ from memdistill.devices import resolve_device
 from memdistill.errors import UserError
 from memdistill.nets import build_net
 from memdistill.reports import format_score
-from memdistill.runtime import autocast, check_precision, memory_format, resolve_precision, runtime_info
+from memdistill.runtime import autocast, bars_disabled, check_precision, memory_format, resolve_precision, runtime_info
 from memdistill.softlabels import (FULL, LABEL_MODES, SOFT_LR, SOFT_WEIGHT_DECAY, TEMPERATURE, Teacher, kd_loss,
                                    load_teacher, save_teacher, soft_lr_at, teacher_meta)
 
@@ -265,7 +265,7 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
 
     history: list[tuple[int, float]] = []
     model.train()
-    for epoch in tqdm(range(epochs), desc=f"eval {config.net} seed {seed}", disable=None, leave=False):
+    for epoch in tqdm(range(epochs), desc=f"eval {config.net} seed {seed}", disable=bars_disabled(), leave=False):
         for group in optimizer.param_groups:
             group["lr"] = lr_schedule(epoch, epochs, base_lr)
         for idx in _batches(len(train01), config.batch_size, generator):

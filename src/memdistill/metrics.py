@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .runtime import bars_disabled
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def train_feature_extractor(images: torch.Tensor, labels: torch.Tensor, num_clas
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     per_epoch = max(1, math.ceil(len(images) / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
-    for epoch in tqdm(range(epochs), desc=f"feature extractor {net}", disable=None, leave=False):
+    for epoch in tqdm(range(epochs), desc=f"feature extractor {net}", disable=bars_disabled(), leave=False):
         total = 0.0
         chunks = list(torch.randperm(len(images), generator=g).split(batch_size))
         if len(chunks) > 1 and len(chunks[-1]) == 1:  # batch norm cannot train on a batch of one

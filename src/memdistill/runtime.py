@@ -156,6 +156,21 @@ def tune_allocator(mode: str = "tuned") -> str:
     return "tuned" if ok else "unsupported"
 
 
+# ----- progress bars ----------------------------------------------------------------------------------------
+_bars: dict = {"on": None}  # None: a bar wherever stderr is a terminal (tqdm's disable=None)
+
+
+def set_progress(on: bool | None) -> None:
+    """--progress / --no-progress for every bar of this process (None: bars where stderr is a terminal)."""
+    _bars["on"] = on
+
+
+def bars_disabled() -> bool | None:
+    """tqdm's ``disable`` for a bar of the stages: True after --no-progress, else None (tqdm then shows the bar
+    only when its stream is a terminal)."""
+    return True if _bars["on"] is False else None
+
+
 # ----- record -----------------------------------------------------------------------------------------------
 def runtime_info() -> dict:
     """What this process runs with: threads (torch's current count), how they were chosen, the OpenMP wait

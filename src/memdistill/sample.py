@@ -27,7 +27,7 @@ from .guidance import class_modes, guidance_fn, mode_guided, parse_interval, val
 from .imageset import ImageSetWriter, check_target, partial_path
 from .manifest import check_output_folder, folder_relation
 from .models.dit import DiT, guided
-from .runtime import autocast, check_precision
+from .runtime import autocast, bars_disabled, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ def _sample(cfg: SampleConfig, out: Path, overwrite: bool, check=None) -> Path:
         dist.barrier()
     position = {c: j for j, c in enumerate(classes)}
     diffusion = GaussianDiffusion()
-    with writer, tqdm(total=len(mine), desc="sampling", unit="img", disable=None) as bar:
+    with writer, tqdm(total=len(mine), desc="sampling", unit="img", disable=bars_disabled()) as bar:
         for start in range(0, len(mine), cfg.batch_size):
             batch = mine[start:start + cfg.batch_size]
             for (c, i), x in zip(batch, sampler.images(cfg, batch, diffusion, modes=modes)):
