@@ -25,6 +25,8 @@ def test_herding_known_sequence():
     assert herding_order(feats, 4) == [1, 3, 4, 0]
     # Ties go to the lowest row: two identical candidates closest to the mean.
     assert herding_order(torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]), 2) == [0, 1]
+    # towards a given target instead of the rows' mean: 3 is nearest 2.6, then 1 brings the mean to 2
+    assert herding_order(torch.tensor([[0.0], [1.0], [3.0], [10.0]]), 2, target=torch.tensor([2.6])) == [2, 1]
 
 
 def test_herding_first_pick_is_closest_to_mean_2d():

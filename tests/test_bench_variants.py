@@ -28,7 +28,7 @@ def test_variants_parse_and_are_labelled():
     ("random+select:confident", "levers change how a model is sampled; random selects real images"),
     ("dit+pick:random", "unknown lever 'pick'; allowed: +select:RULE[:F]"),
     ("dit+select", "+select takes a rule and optionally a pool factor"),
-    ("dit+select:best", "+select: unknown rule 'best'; allowed: random, herding, kcenter, confident, difficulty"),
+    ("dit+select:best", "+select: unknown rule 'best'; allowed: random, herding, prototype, kcenter, confident, difficulty"),
     ("dit+select:random:0.5", "the pool factor F must be a number >= 1, got '0.5'"),
     ("dit+select:random:x", "the pool factor F must be a number >= 1, got 'x'"),
     ("dit+select:random:2:3", "+select takes a rule and optionally a pool factor"),

@@ -64,6 +64,27 @@ def test_choose_confident_keeps_what_the_stub_judge_scores_highest():
     assert choose("confident", images, 1, 2, judge=StubJudge([0.1, 0.7, 0.3, 0.95, 0.2])) == [3, 1]
 
 
+class FeatureJudge:
+    """Features that a test decides: the candidate's index as its feature (so images need not mean anything)."""
+
+    def __init__(self, feats):
+        self.feats = torch.tensor(feats, dtype=torch.float64)
+
+    def features(self, images):
+        return self.feats[: len(images)]
+
+
+def test_prototype_tracks_the_real_class_mean_not_the_pools():
+    """Candidates at 0, 1, 2, 10 (pool mean 3.25), real mean 9: herding picks 2 first (nearest 3.25),
+    prototype picks 10 (nearest 9), then the one that brings the mean of two nearest 9 (2: mean 6)."""
+    judge = FeatureJudge([[0.0], [1.0], [2.0], [10.0]])
+    images = torch.zeros(4, 1, 8, 8)
+    assert choose("herding", images, 0, 1, judge=judge) == [2]
+    assert choose("prototype", images, 0, 2, judge=judge, real=torch.tensor([9.0])) == [3, 2]
+    with pytest.raises(ValueError, match="mean feature"):
+        choose("prototype", images, 0, 1, judge=judge)
+
+
 def test_random_rule_is_seeded_and_per_class():
     a = choose("random", torch.zeros(10, 1, 2, 2), 0, 4, seed=1)
     assert a == choose("random", torch.zeros(10, 1, 2, 2), 0, 4, seed=1) and len(set(a)) == 4
@@ -127,7 +148,7 @@ def test_rules_compared_on_one_kept_pool(tiny_model, tmp_path):
     judge = mb["selection"]["judge"]
     assert judge["data"] == "digits:train" and judge["net"] == "convnet1" and judge["epochs"] == 1
     assert judge["file"] == str(tmp_path / "jc" / f"{judge['key']}.pt")  # --judge-cache
-    for rule in ("herding", "confident", "difficulty"):
+    for rule in ("herding", "prototype", "confident", "difficulty"):
         m = pixels(sample_set(from_pool(pool, select=rule), tmp_path / rule))[2]
         assert m["selection"]["rule"] == rule and m["selection"]["judge"]["key"] == judge["key"]
         assert all(len(k) == 2 and max(k) < 4 for k in m["selection"]["kept"])

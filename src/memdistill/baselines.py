@@ -34,17 +34,20 @@ def pooled_features(images: torch.Tensor) -> torch.Tensor:
     return images.flatten(1)
 
 
-def herding_order(features: torch.Tensor, k: int) -> list[int]:
+def herding_order(features: torch.Tensor, k: int, target: torch.Tensor | None = None) -> list[int]:
     """Greedy herding (Welling 2009, in the running-mean form of iCaRL): the i-th pick is the unused row
-    that brings the mean of the picks closest to the mean of all rows. Ties go to the lowest row.
+    that brings the mean of the picks closest to ``target``, by default the mean of all rows. Ties go to the
+    lowest row.
 
-    features (n, D) -> k distinct row indices, in pick order.
+    features (n, D), target (D,) or None -> k distinct row indices, in pick order.
     """
     feats = features.detach().flatten(1).double()  # float64: the greedy order must not depend on rounding
     n = feats.shape[0]
     if not 0 <= k <= n:
         raise ValueError(f"cannot pick {k} of {n} rows")
-    mu = feats.mean(dim=0)  # (D,)
+    mu = feats.mean(dim=0) if target is None else target.detach().flatten().double()  # (D,)
+    if mu.shape != feats.shape[1:]:
+        raise ValueError(f"target of {mu.numel()} values for features of {feats.shape[1]}")
     total = torch.zeros_like(mu)
     used = torch.zeros(n, dtype=torch.bool)
     order: list[int] = []

@@ -226,8 +226,9 @@ SAMPLE_HELP = {
             "gets image j's noise, so the first IPC are the plain set) and keep IPC of them by --select; with "
             "--from-pool: select from the kept pool's first ceil(F x IPC) candidates (default: none; with "
             "--from-pool all of them)",
-    "select": "rule keeping IPC candidates per class: none (plain sampling), random (seeded control), herding or "
-              "kcenter (first pick: farthest from the mean) in the judge's feature space, confident (highest judge "
+    "select": "rule keeping IPC candidates per class: none (plain sampling), random (seeded control), herding "
+              "(towards the pool's mean) or kcenter (first pick: farthest from the mean) in the judge's feature "
+              "space, prototype (herding towards the mean of the class's real images), confident (highest judge "
               "probability of the class), difficulty (judge loss matched to the real data's, DiffGuideSamp) "
               "(default: none)",
     "keep_pool": "keep the candidate pool in this folder as an image set, for --from-pool; checked as --out is "

@@ -3,6 +3,9 @@
 The rules (each one per class; every order is deterministic, ties go to the lowest candidate index):
 - ``random``: a seeded random subset, the control;
 - ``herding``: baselines.herding_order in the judge's feature space (the picks' mean tracks the pool's mean);
+- ``prototype``: herding towards the mean of the class's *real* train images in the judge's feature space (the
+  picks' mean tracks the real class mean; at IPC 1 the candidate nearest it), what herding of real images does
+  with the real images themselves as candidates;
 - ``kcenter``: greedy k-center in the judge's feature space (kcenter_order);
 - ``confident``: the highest judge probability of the conditioning class;
 - ``difficulty``: the judge's per-image loss of the candidates matched to the distribution of that loss over
@@ -29,8 +32,8 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-RULES = ("random", "herding", "kcenter", "confident", "difficulty")
-NEEDS_JUDGE = ("herding", "kcenter", "confident", "difficulty")
+RULES = ("random", "herding", "prototype", "kcenter", "confident", "difficulty")
+NEEDS_JUDGE = ("herding", "prototype", "kcenter", "confident", "difficulty")
 
 
 def pool_size(factor: float, ipc: int) -> int:
@@ -106,11 +109,12 @@ def random_order(n: int, k: int, seed: int, class_index: int) -> list[int]:
 
 
 def choose(rule: str, images: torch.Tensor, label: int, k: int, seed: int = 0, judge=None,
-           real_loss: torch.Tensor | None = None) -> list[int]:
+           real: torch.Tensor | None = None) -> list[int]:
     """The ``k`` candidates that ``rule`` keeps among ``images`` (n, C, H, W) in [-1, 1] of one class: ``label``
     is the class's index in the judge's classes (in the model's class list for random, which needs no judge);
-    ``real_loss``: the judge's losses of that class's real images (difficulty only). Returns candidate indices
-    in pick order; ValueError when a judged rule gets no judge, UserError for an unknown rule."""
+    ``real``: what the rule needs of that class's real train images (real_statistics: the judge's losses (m,)
+    for difficulty, their mean feature (D,) for prototype). Returns candidate indices in pick order;
+    ValueError when a judged rule gets no judge (or no real statistic), UserError for an unknown rule."""
     if rule == "random":
         return random_order(len(images), k, seed, label)
     if judge is None:
@@ -118,11 +122,15 @@ def choose(rule: str, images: torch.Tensor, label: int, k: int, seed: int = 0, j
     if rule in ("herding", "kcenter"):
         feats = judge.features(images)
         return herding_order(feats, k) if rule == "herding" else kcenter_order(feats, k)
+    if rule == "prototype":
+        if real is None:
+            raise ValueError("prototype selection needs the mean feature of the class's real images")
+        return herding_order(judge.features(images), k, target=real)
     if rule == "confident":
         return confident_order(judge.probabilities(images)[:, label], k)
     if rule == "difficulty":
         labels = torch.full((len(images),), label, dtype=torch.long)
-        return difficulty_order(judge.losses(images, labels), real_loss, k)
+        return difficulty_order(judge.losses(images, labels), real, k)
     raise UserError(f"unknown selection rule {rule!r}; allowed: {', '.join(RULES)}")
 
 
@@ -164,9 +172,9 @@ def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, 
     if min(counts) < size or size < ipc:
         raise UserError(f"the pool {pool} holds {min(counts)} candidates of some class; selecting {ipc} per class "
                         f"from {size} needs at least {max(size, ipc)} (sample a larger --pool)")
-    judge, real_loss = None, {}
+    judge, real = None, {}
     if rule in NEEDS_JUDGE:
-        judge, real_loss = _judge_for(manifest, class_names, images.shape[1], images.shape[-1], rule, judge_data,
+        judge, real = _judge_for(manifest, class_names, images.shape[1], images.shape[-1], rule, judge_data,
                                       judge_subset, judge_net, judge_epochs, judge_seed, judge_cache, device, pool)
     picks, kept = [], []
     # The random rule draws per class from (seed, the class's position in the model's class list), so a set
@@ -175,7 +183,7 @@ def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, 
     for c, name in enumerate(class_names):
         idx = (labels == c).nonzero().flatten()[:size]  # candidate j of the class is its image number j
         label = judge.spec.class_names.index(name) if judge is not None else int(positions[c])
-        order = choose(rule, images[idx], label, ipc, seed, judge, real_loss.get(name))
+        order = choose(rule, images[idx], label, ipc, seed, judge, real.get(name))
         kept.append(order)
         picks.append(idx[order])
     chosen = torch.cat(picks)
@@ -222,7 +230,7 @@ def judge_train_set(manifest: dict, class_names: list[str], channels: int, side:
 
 def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data, subset,
                net: str, epochs: int, seed: int, cache, device: str, pool):
-    """(judge, {class name: real losses (m,)} for difficulty) for a pool of ``class_names``."""
+    """(judge, real_statistics of ``class_names``) for a pool of those classes."""
     from .data import load_tensors
     from .devices import resolve_device
     from .judge import load_judge
@@ -230,9 +238,20 @@ def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int,
     train = judge_train_set(manifest, class_names, channels, side, rule, judge_data, subset, net, cache,
                             f"the pool {pool}")
     judge = load_judge(train, net, epochs, seed, cache, resolve_device(device))
-    real_loss = {}
+    return judge, real_statistics(rule, judge, train, class_names)
+
+
+def real_statistics(rule: str, judge, train, class_names: list[str]) -> dict[str, torch.Tensor]:
+    """What ``rule`` needs of the real train images (data.ImageDataset ``train``) of each class, by class name:
+    the judge's per-image losses (m,) for difficulty, the mean of its features (D,) for prototype; {} for the
+    other rules."""
+    from .data import load_tensors
+
+    if rule not in ("difficulty", "prototype"):
+        return {}
+    x, y = load_tensors(train)
     if rule == "difficulty":
-        x, y = load_tensors(train)
-        loss = judge.losses(x, y)
-        real_loss = {n: loss[y == train.class_names.index(n)] for n in class_names}
-    return judge, real_loss
+        values = judge.losses(x, y)
+        return {n: values[y == train.class_names.index(n)] for n in class_names}
+    feats = judge.features(x)
+    return {n: feats[y == train.class_names.index(n)].mean(0) for n in class_names}
