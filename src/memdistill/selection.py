@@ -231,7 +231,6 @@ def judge_train_set(manifest: dict, class_names: list[str], channels: int, side:
 def _judge_for(manifest: dict, class_names: list[str], channels: int, side: int, rule: str, judge_data, subset,
                net: str, epochs: int, seed: int, cache, device: str, pool):
     """(judge, real_statistics of ``class_names``) for a pool of those classes."""
-    from .data import load_tensors
     from .devices import resolve_device
     from .judge import load_judge
 
