@@ -220,7 +220,7 @@ def test_bench_ars_adds_one_cell_without_augmentation_per_cell_on_resume(tmp_pat
         aug = json.loads((out / "cells" / f"{c['method']}-ipc1-convnet1.json").read_text())
         # the same protocol with augmentation off, nothing else changed
         assert noaug["config"] == dataclasses.asdict(without_augmentation(type(bench.BenchConfig().eval)(
-            **aug["config"])))
+            **aug["config"]), aug))
         assert noaug["config"] != aug["config"]
         s = c["scores"]
         set_noaug = [r["best"] for r in noaug["per_repeat"]]
@@ -230,3 +230,24 @@ def test_bench_ars_adds_one_cell_without_augmentation_per_cell_on_resume(tmp_pat
                                        s["random_noaug"]["per_repeat"])]
         assert s["ars"]["per_repeat"] == pytest.approx(want)
     assert "| ARS |" in (out / "bench.md").read_text()
+
+
+def test_bench_soft_label_ars_keeps_one_teacher_per_net(tmp_path, monkeypatch):
+    """bench --ars with --eval-teacher full: the no-augmentation cells are labelled by the teacher of their cell
+    (teacher/<net>), which is trained once, not again without augmentation over the same file for every cell;
+    the random baseline (the very subset of the random reference) then scores IOR 0 with and without
+    augmentation."""
+    from memdistill import evaluate
+    from memdistill.softlabels import sha256_of
+
+    monkeypatch.setattr(evaluate, "TEACHER_EPOCHS", 1)  # the plumbing, not the teacher's quality
+    out = tmp_path / "bench"
+    bench_cli(*TINY, "--method", "random,herding", "--ipc", "1", "--no-metrics", "--full-data-epochs", "1",
+              "--eval-labels", "soft", "--eval-teacher", "full", "--ars", "--references-cache", tmp_path / "refs",
+              "--out", out)
+    result = json.loads((out / "bench.json").read_text())
+    teacher = result["cells"][0]["teacher"]
+    assert sha256_of(teacher["path"]) == teacher["sha256"] and all(c["teacher"] == teacher for c in result["cells"])
+    random = next(c for c in result["cells"] if c["method"] == "random")["scores"]
+    assert random["ior"]["per_repeat"] == [0.0, 0.0]
+    assert random["set_noaug"]["per_repeat"] == random["random_noaug"]["per_repeat"]

@@ -52,7 +52,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, trained):
     # Any keyed change trains again: the full-data budget, a protocol setting, the seed, the repeats.
     r = refs(tmp_path)
     for changed in ((TINY, 2), (replace(TINY, lr=0.02), 1), (replace(TINY, seed=5), 1),
-                    (replace(TINY, repeats=1), 1), (without_augmentation(TINY), 1)):
+                    (replace(TINY, repeats=1), 1), (without_augmentation(TINY, None), 1)):
         before = len(trained)
         r.full_data(changed[0], epochs=changed[1])
         assert len(trained) == before + 1, changed
@@ -178,6 +178,29 @@ def test_run_scores_every_set_in_its_report(tiny_model, tmp_path, capsys):
     assert "### DD-Ranking scores" in report and "| adaptive | 2 | convnet1 |" in report and "on fractions" in report
 
 
+def test_run_soft_label_ars_reuses_the_runs_teacher(tiny_model, tmp_path, monkeypatch):
+    """run --ars with --eval-teacher full: the sets evaluated again without augmentation are labelled by the run's
+    teacher (teacher/<net>), neither refused for want of a teacher folder nor given a teacher of their own."""
+    import json
+
+    from memdistill import evaluate
+    from memdistill.cli import main
+    from memdistill.softlabels import sha256_of
+
+    monkeypatch.setattr(evaluate, "TEACHER_EPOCHS", 1)  # the plumbing, not the teacher's quality
+    out = tmp_path / "run"
+    assert main(["run", "--init", str(tiny_model), "--data", "digits", "--steps", "2", "--batch-size", "8", "--ipc",
+                 "1", "--sample-steps", "2", "--eval-net", "convnet1", "--eval-epochs", "1", "--eval-repeats", "1",
+                 "--eval-labels", "soft", "--eval-teacher", "full", "--no-progress", "--ars", "--full-data-epochs",
+                 "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    random = next(r for r in results if r["method"] == "random")
+    noaug = json.loads((out / "eval" / "random-noaug.json").read_text())
+    teacher = json.loads((out / "eval" / "random.json").read_text())["teacher"]
+    assert noaug["teacher"] == teacher and sha256_of(teacher["path"]) == teacher["sha256"]
+    assert random["scores"]["set_noaug"]["per_repeat"] == random["scores"]["random_noaug"]["per_repeat"]
+
+
 def test_soft_label_scores_follow_ddranking_soft_label_evaluator(tmp_path, monkeypatch):
     # DD-Ranking's soft-label evaluator: HLR = full data (hard labels) - the set with hard labels; IOR = the set with
     # soft labels - random real with soft labels. Stubbed training: each accuracy tells which labels trained it.
@@ -229,6 +252,27 @@ def test_evaluate_soft_label_scores_take_the_sets_hard_label_accuracy(tmp_path, 
     assert s["hlr"]["per_repeat"] == [s["full_data"]["per_repeat"][0] - hard["per_repeat"][0]["best"]]
     # the set is the random selection with the protocol's seed: the (soft-label) random reference is the same set
     assert s["ior"]["per_repeat"] == [0.0]
+
+
+def test_soft_label_ars_evaluates_without_augmentation_under_the_sets_own_teacher(tmp_path, small_set, monkeypatch):
+    """evaluate --ars with --teacher full: the evaluation without augmentation is labelled by the teacher the
+    first one trained (not a second teacher trained without augmentation into the same file, which the
+    references would then be labelled by): the random selection scores IOR 0 with and without augmentation."""
+    import json
+
+    from memdistill import evaluate
+    from memdistill.cli import main
+    from memdistill.softlabels import sha256_of
+
+    monkeypatch.setattr(evaluate, "TEACHER_EPOCHS", 1)  # the plumbing, not the teacher's quality
+    out = tmp_path / "soft"
+    assert main(["evaluate", "--train", str(small_set), "--net", "convnet1", "--epochs", "1", "--repeats", "1",
+                 "--labels", "soft", "--teacher", "full", "--ars", "--full-data-epochs", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    s = result["scores"]
+    assert sha256_of(result["teacher"]["path"]) == result["teacher"]["sha256"]  # the file was not retrained
+    assert s["ior"]["per_repeat"] == [0.0]
+    assert s["set_noaug"]["per_repeat"] == s["random_noaug"]["per_repeat"]
 
 
 def test_hard_label_references_are_not_keyed_by_soft_label_settings(tmp_path, trained):

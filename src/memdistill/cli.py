@@ -176,9 +176,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if score_cfg.wanted:
         noaug = None
         if score_cfg.ars:
-            noaug = evaluate_image_set(args.train, args.test, without_augmentation(cfg), test_split=args.test_split,
-                                       subset=args.subset, resolution=args.resolution,
-                                       skip_bad_images=args.skip_bad_images, teacher_dir=Path(args.out) / "teacher")
+            # labelled by the first evaluation's teacher: none is trained again (without augmentation)
+            noaug = evaluate_image_set(args.train, args.test, without_augmentation(cfg, result),
+                                       test_split=args.test_split, subset=args.subset, resolution=args.resolution,
+                                       skip_bad_images=args.skip_bad_images)
         hard = None
         if cfg.labels == "soft":  # HLR compares hard-label accuracies (references.score_set)
             hard = evaluate_image_set(args.train, args.test, cfg.with_hard_labels(), test_split=args.test_split,

@@ -115,6 +115,14 @@ class EvalConfig:
         return replace(self, labels="hard", teacher=None, temperature=TEMPERATURE, soft_lr=SOFT_LR,
                        soft_weight_decay=SOFT_WEIGHT_DECAY)
 
+    def with_teacher_of(self, result: dict) -> "EvalConfig":
+        """This protocol labelled by the teacher that labelled ``result`` (an evaluate_repeats dict): with soft
+        labels its teacher file (for --teacher full the one that evaluation trained), so that a second evaluation
+        of the same set (without augmentation for ARS, a reference) uses the very same teacher instead of training
+        one of its own under its own settings into the same file. Unchanged for hard labels."""
+        path = (result.get("teacher") or {}).get("path")
+        return replace(self, teacher=path) if self.labels == "soft" and path else self
+
     def validate(self, prefix: str = "") -> None:
         """Refuse bad settings with a UserError naming the option (``prefix``: "eval-" inside ``run``)."""
         require_finite(flag("lr", prefix), self.lr, 0, MAX_LR, low_open=True)

@@ -53,9 +53,13 @@ def references_cache(option: str | None = None) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "memdistill") / "references"
 
 
-def without_augmentation(config: EvalConfig) -> EvalConfig:
+def without_augmentation(config: EvalConfig, result: dict | None) -> EvalConfig:
     """The protocol 'without augmentation' of ARS: no CutMix, flip, colour jitter or lighting noise. (The random
-    resized crop of the train transform stays: it is how images reach the net's size.)"""
+    resized crop of the train transform stays: it is how images reach the net's size.) ``result``: the evaluation
+    with augmentation this one is compared with; with soft labels its teacher labels this one too
+    (EvalConfig.with_teacher_of: only the student's augmentation differs, and --teacher full is not trained again
+    without augmentation over the first one's file). None: ``config``'s teacher is already that one."""
+    config = config.with_teacher_of(result) if result is not None else config
     return replace(config, cutmix_beta=0.0, flip=False, jitter=False, lighting=False)
 
 
@@ -228,8 +232,8 @@ def _summary(result: dict) -> dict:
 
 def score_set(result: dict, references: References, config: EvalConfig, ipc: int, cfg: ScoreConfig,
               noaug_result: dict | None = None, hard_result: dict | None = None) -> dict:
-    """HLR, IOR, LRS (and ARS when ``noaug_result``, the set evaluated under without_augmentation(config), is
-    given) of a set whose evaluate_repeats ``result`` was measured under ``config`` at ``ipc`` images per
+    """HLR, IOR, LRS (and ARS when ``noaug_result``, the set evaluated under without_augmentation(config, result),
+    is given) of a set whose evaluate_repeats ``result`` was measured under ``config`` at ``ipc`` images per
     class; see memdistill.scores.score_repeats. Adds "full_data" and "random_real" (best top-1 per repeat, mean,
     std, epochs) and the reference settings.
 
@@ -240,14 +244,12 @@ def score_set(result: dict, references: References, config: EvalConfig, ipc: int
     soft = config.labels == "soft"
     if soft and hard_result is None:
         raise ValueError("soft labels: HLR needs the set's hard-label accuracy (hard_result)")
-    if soft and (result.get("teacher") or {}).get("path"):
-        # the references are labelled by the very teacher the set was (--teacher full: the file it was trained into)
-        config = replace(config, teacher=result["teacher"]["path"])
+    config = config.with_teacher_of(result)  # the references are labelled by the very teacher the set was
     full = references.full_data(config, cfg.full_data_epochs)
     random = references.random_real(config, ipc)
     noaug, random_noaug = {}, None
     if noaug_result is not None:
-        random_noaug = references.random_real(without_augmentation(config), ipc)
+        random_noaug = references.random_real(without_augmentation(config, None), ipc)
         noaug = {"set_noaug": _best(noaug_result), "random_noaug": _best(random_noaug)}
     scores = score_repeats(_best(result), _best(full), _best(random), cfg.lrs_weight, cfg.score_scaling,
                            ars_lambda=cfg.ars_lambda, set_hard=_best(hard_result) if soft else None, **noaug)

@@ -275,7 +275,7 @@ def _score(cfg: RunConfig, out: Path, sets: dict[str, Path], results: list[dict]
                 noaug = read_json_object(path, EVAL_KEYS, what="delete it to evaluate that set again")
             else:
                 noaug = timed(f"evaluate {result['method']} without augmentation", evaluate_image_set,
-                              sets[result["method"]], result["test_data"], without_augmentation(eval_cfg),
+                              sets[result["method"]], result["test_data"], without_augmentation(eval_cfg, result),
                               subset=ft.subset, resolution=None)
                 write_json_atomic(path, noaug)
         hard = None

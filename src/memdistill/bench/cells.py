@@ -152,10 +152,11 @@ class _Bench:
 
     # -- evaluation and metrics
     def cell(self, path: Path, set_folder: Path, net: str, label: str, hard: bool = False,
-             noaug: bool = False) -> dict:
+             noaug_of: dict | None = None) -> dict:
         """The evaluation of ``set_folder`` by ``net`` (stored in ``path``, reused from there); ``hard``: with hard
-        labels whatever --eval-labels says (the set's HLR under soft labels, references.score_set); ``noaug``:
-        without augmentation (references.without_augmentation, for ARS)."""
+        labels whatever --eval-labels says (the set's HLR under soft labels, references.score_set); ``noaug_of``:
+        the cell's evaluation with augmentation, to evaluate the set again without augmentation and with its
+        teacher (references.without_augmentation, for ARS)."""
         from ..references import without_augmentation
 
         if path.is_file():
@@ -163,7 +164,7 @@ class _Bench:
         log.info("cell %s: evaluating %s, %d repeats", label, net, self.cfg.repeats)
         config = dataclasses.replace(self.cfg.eval, net=net, repeats=self.cfg.repeats)
         config = config.with_hard_labels() if hard else config
-        config = without_augmentation(config) if noaug else config
+        config = without_augmentation(config, noaug_of) if noaug_of is not None else config
         t0 = time.perf_counter()
         # soft labels: one teacher per net, trained on the fine-tuning data's train split and kept in teacher/
         result = self.timed(f"evaluate {label}", evaluate_image_set, set_folder, self.test, config,

@@ -102,7 +102,7 @@ def _run_grid(bench: _Bench) -> Path:
                     noaug = None
                     if cfg.scores.ars:  # ARS: the set trained again without augmentation, a cell of its own
                         noaug = bench.cell(out / "cells" / f"{label}-noaug.json", sets[m, k], net,
-                                           f"{label} without augmentation", noaug=True)
+                                           f"{label} without augmentation", noaug_of=result)
                     cells[-1]["scores"] = _cell_scores(bench, result, net, k, hard, noaug)
     metrics = []
     if cfg.metrics:
