@@ -217,6 +217,10 @@ def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
     (["bench", "--no-scores", "--score-scaling", "points"], "--score-scaling is used only with --scores"),
     (["evaluate", "--train", "digits", "--ars", "--no-scores"], "--ars computes scores, which --no-scores turns off"),
     (["run", "--no-scores", "--ars"], "--ars computes scores, which --no-scores turns off"),
+    # --ars-lambda weighs ARS alone: with scores but without --ars it would be ignored (bench scores by default)
+    (["bench", "--ars-lambda", "0.3"], "--ars-lambda weighs ARS, which only --ars computes"),
+    (["evaluate", "--train", "digits", "--scores", "--ars-lambda", "0.3"], "--ars-lambda weighs ARS"),
+    (["run", "--scores", "--ars-lambda", "0.3"], "--ars-lambda weighs ARS"),
     # guidance options that would do nothing: only typed values count
     (["sample", "--modes", "3"], "--modes applies to mode guidance; without --mode-guidance"),
     (["sample", "--mode-data", "digits"], "--mode-data applies to mode guidance"),

@@ -81,11 +81,15 @@ class ScoreConfig:
 
     def refuse_idle(self, typed: set[str], prefix: str = "") -> None:
         """UserError naming the option when one of ``typed`` (fields whose option the user gave) would do nothing:
-        a score setting without --scores (or --ars), --ars with an explicit --no-scores."""
+        a score setting without --scores (or --ars), --ars-lambda without --ars (it weighs ARS alone, and bench
+        scores without ARS by default), --ars with an explicit --no-scores."""
         idle = [name for name in self.TYPED_ONLY if name in typed and name != "scores"]
         if idle and not self.wanted:
             raise UserError(f"{flag(idle[0], prefix)} is used only with {flag('scores', prefix)}; without it it "
                             "would be ignored")
+        if "ars_lambda" in typed and not self.ars:
+            raise UserError(f"{flag('ars_lambda', prefix)} weighs ARS, which only {flag('ars', prefix)} computes; "
+                            "without it it would be ignored")
         if self.ars and "scores" in typed and not self.scores:
             raise UserError(f"{flag('ars', prefix)} computes scores, which {flag('no_scores', prefix)} turns off: give "
                             "one of them")
