@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from memdistill.errors import UserError
+from memdistill.manifest import check_output_folder
 
 LETTERS = "ABCDEFGHIJ"
 SIZE = 28
@@ -64,25 +69,38 @@ def draw(letter: str, font_file: str, rng: random.Random) -> Image.Image:
     return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8), "L")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (train/ and test/ are written in it)")
-    parser.add_argument("--train-per-class", type=int, default=800)
-    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--train-per-class", type=int, default=800, help="train images per class, >= 1")
+    parser.add_argument("--test-per-class", type=int, default=100, help="test images per class, >= 1")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("train_per_class", "test_per_class"):
+        if getattr(args, name) < 1:  # an empty class folder is refused by every command that reads it
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     out = Path(args.out)
+    try:
+        check_output_folder(out)  # a file, a path inside a file, an unwritable folder: refused before drawing
+    except UserError as err:
+        parser.error(str(err))
     if out.exists() and any(out.iterdir()):
-        sys.exit(f"make_glyphs: {out} is not empty; choose another --out")
+        parser.error(f"--out {out} is not empty; choose another --out")
     fonts = system_fonts()
+    # Drawn into a hidden sibling and renamed at the end: an interrupted build leaves no half dataset at --out.
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
     for split, per_class, seed in (("train", args.train_per_class, args.seed),
                                    ("test", args.test_per_class, args.seed + 1_000_003)):
         rng = random.Random(seed)
         for letter in LETTERS:
-            folder = out / split / letter
+            folder = partial / split / letter
             folder.mkdir(parents=True)
             for i in range(per_class):
                 draw(letter, rng.choice(fonts), rng).save(folder / f"{i:04d}.png")
+    if out.exists():
+        out.rmdir()  # empty (checked above): rename needs it gone
+    partial.rename(out)
     print(f"{out}: {len(LETTERS)} classes, {args.train_per_class} train / {args.test_per_class} test images per "
           f"class, 28 px grey, {len(fonts)} fonts")
 

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_methods  # noqa: E402
+import make_glyphs  # noqa: E402
 import memory_diagnostics  # noqa: E402
 import memory_geometry  # noqa: E402
 
@@ -236,3 +237,24 @@ def test_replicates_pairs_by_replicate_and_classifier_seed(tmp_path, capsys):
         replicates.main([r0, r1, "--base", "herding"])
     with pytest.raises(SystemExit, match="--ipc 3"):
         replicates.main([r0, r1, "--ipc", "3"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--out", "{file}"], "is a file, not a folder"),
+    (["--out", "{file}/sub"], "lies inside the file"),
+    (["--out", "{tmp}/g", "--train-per-class", "0"], "--train-per-class must be at least 1"),
+    (["--out", "{tmp}/g", "--test-per-class", "-1"], "--test-per-class must be at least 1"),
+    (["--out", "{full}"], "is not empty"),
+])
+def test_make_glyphs_refuses_a_bad_out_or_count_in_one_line(tmp_path, capsys, args, match):
+    """Refused before any font is read or image drawn: exit 2 and one line naming the option, nothing written."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path, full=tmp_path / "full") for a in args]
+    with pytest.raises(SystemExit) as err:
+        make_glyphs.main(args)
+    assert err.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert match in message and "--" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]
