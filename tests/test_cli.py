@@ -296,3 +296,18 @@ def test_bench_no_progress_reaches_the_evaluation_bars(tmp_path, monkeypatch):
                    "--eval-epochs", "1", "--eval-repeats", "1", "--no-metrics", "--no-scores", "--no-progress",
                    "--out", tmp_path / "b") == 0
     assert seen and set(seen) == {True}
+
+
+def test_run_report_names_the_sampling_levers_it_used(tiny_model, tmp_path):
+    """A run whose set was over-generated and selected (or guided in a window) says so in its report's settings;
+    a plain run lists none of them."""
+    out = tmp_path / "run"
+    assert run_cli("run", "--init", tiny_model, *TINY_RUN, "--sample-pool", "2", "--sample-select", "random",
+                   "--sample-cfg-interval", "0,500", "--sample-cfg-scale", "2", "--out", out) == 0
+    report = (out / "report.md").read_text()
+    for line in ('"pool": 2.0', '"select": "random"', '"cfg_interval": "0,500"', '"cfg_scale": 2.0'):
+        assert line in report, line
+    from memdistill.run import _sampling_levers
+    from memdistill.sample import SampleConfig
+
+    assert _sampling_levers(SampleConfig()) == {}

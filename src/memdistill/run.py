@@ -86,6 +86,21 @@ WATCH_ONLY = {"finetune.progress", "finetune.checkpoint_every", "finetune.log_ev
               *(f"scores.{f.name}" for f in dataclasses.fields(ScoreConfig))}
 
 
+def _sampling_levers(sample) -> dict:
+    """The sampling levers a run used (memdistill.guidance, memdistill.selection), for the report's settings;
+    the ones left at their defaults are left out so the plain run's settings stay short."""
+    levers = {}
+    if sample.cfg_interval is not None:
+        levers["cfg_interval"] = sample.cfg_interval
+    if sample.cfg_schedule != "constant":
+        levers["cfg_schedule"] = sample.cfg_schedule
+    if sample.mode_guidance > 0:
+        levers.update(mode_guidance=sample.mode_guidance, mode_stop=sample.mode_stop, modes=sample.modes)
+    if sample.select != "none":
+        levers.update(pool=sample.pool, select=sample.select)
+    return levers
+
+
 def _settings_now(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
@@ -236,7 +251,8 @@ def _run_stages(cfg: RunConfig, out: Path, train_ds, counts: list[int], baseline
                 "lambda_gen": ft.lambda_gen, "mem_real": ft.mem_real, "mem_gen": ft.mem_gen,
                 "net": eval_cfg.net, "repeats": eval_cfg.repeats, "eval_epochs": summary[0]["epochs"],
                 "eval_precision": eval_precision,
-                "cfg_scale": cfg.sample.cfg_scale, "sample_steps": cfg.sample.steps, "seed": ft.seed}
+                "cfg_scale": cfg.sample.cfg_scale, "sample_steps": cfg.sample.steps, "seed": ft.seed,
+                **_sampling_levers(cfg.sample)}
     notes = []
     expected = ["finetune", "sample", *(f"select {b}" for b in baselines), *(f"evaluate {m}" for m in sets)]
     if set(timings) - fresh_timings:
