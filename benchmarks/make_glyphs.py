@@ -38,8 +38,8 @@ def system_fonts() -> list[str]:
         out = subprocess.run(["fc-list", ":", "file"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         sys.exit(f"make_glyphs: fc-list failed ({err}); install fontconfig and a TrueType font")
-    fonts = sorted({line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(".ttf:")
-                    or line.split(":")[0].strip().endswith(".ttf")})
+    files = (line.split(":")[0].strip() for line in out.splitlines())  # "path: " per font
+    fonts = sorted({f for f in files if f.endswith(".ttf")})
     # a math font draws letters as other glyphs; skip it
     fonts = [f for f in fonts if "Math" not in Path(f).name]
     if not fonts:
