@@ -31,7 +31,7 @@ BAD = {"not UTF-8": (b"b\xff", "b\\udcff", "UTF-8"), "grid.png": (b"grid.png", "
        "manifest.json": (b"manifest.json", "manifest.json", "file of every image set")}
 COMMANDS = {
     "select": ["select", "--ipc", "1", "--data", "DATA"],
-    "pretrain": ["pretrain", "--model", "DiT-Micro/2", "--steps", "1", "--batch-size", "4", "--no-progress",
+    "pretrain": ["pretrain", "--codec", "pixel", "--model", "DiT-Micro/2", "--steps", "1", "--batch-size", "4", "--no-progress",
                  "--data", "DATA"],
     "evaluate": ["evaluate", "--test", "digits", "--net", "convnet1", "--epochs", "1", "--repeats", "1",
                  "--train", "DATA"],

@@ -77,7 +77,7 @@ def test_stages_separately(tiny_model, tmp_path, capsys):
 
 def test_pretrain_and_resume(tmp_path):
     out = tmp_path / "pt"
-    common = ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--batch-size", "16", "--checkpoint-every",
+    common = ["pretrain", "--codec", "pixel", "--data", "digits", "--model", "DiT-Micro/2", "--batch-size", "16", "--checkpoint-every",
               "3", "--no-progress", "--out", out]
     assert run_cli(*common, "--steps", "3") == 0
     first = json.loads((out / "manifest.json").read_text())
@@ -196,7 +196,7 @@ def test_run_refuses_a_baseline_listed_twice(capsys, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["finetune", "--data", "digits", "--codec", "pixel", "--vae", "somewhere"], "--vae applies to --codec vae"),
-    (["pretrain", "--data", "digits", "--latent-cache", "cache"], "--latent-cache applies to --codec vae"),
+    (["pretrain", "--codec", "pixel", "--data", "digits", "--latent-cache", "cache"], "--latent-cache applies to --codec vae"),
     (["sample", "--eta", "0.5"], "--eta is the noise of the ddim sampler"),
     (["sample", "--steps", "1001"], "--steps must be an integer >= 1 and <= 1000"),
     (["sample", "--labels", "imagenet"], "--subset and --labels are only for bare checkpoints"),

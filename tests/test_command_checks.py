@@ -25,7 +25,7 @@ def listing(root):
 TRAIN = ["--steps", "1", "--batch-size", "4", "--no-progress"]
 # Every command, with settings that finish in seconds (so the old code, accepting the value, could be run).
 COMMANDS = {
-    "pretrain": ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", *TRAIN],
+    "pretrain": ["pretrain", "--codec", "pixel", "--data", "digits", "--model", "DiT-Micro/2", *TRAIN],
     "finetune": ["finetune", "--data", "digits", *TRAIN],
     "train-vae": ["train-vae", "--data", "digits", "--channels-list", "32,32", "--judge-epochs", "1",
                   "--batch-size", "4", "--steps", "1", "--no-progress"],

@@ -118,7 +118,7 @@ def test_fidelity_needs_data_when_the_model_records_none(tiny_model, tmp_path, c
 
 
 # ----- pretrain's checks -------------------------------------------------------------------------------------
-PRETRAIN = ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "4", "--batch-size", "16",
+PRETRAIN = ["pretrain", "--codec", "pixel", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "4", "--batch-size", "16",
             "--checkpoint-every", "2", "--no-progress", "--fidelity-per-class", "1", "--fidelity-final-per-class", "2"]
 
 

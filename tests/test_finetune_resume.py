@@ -364,7 +364,7 @@ def image_tree(root: Path, per_class: int = 6) -> Path:
 
 
 def pretrain_args(data, out, steps, *extra):
-    return ["pretrain", "--data", str(data), "--model", "DiT-Micro/2", "--out", str(out), "--batch-size", "4",
+    return ["pretrain", "--codec", "pixel", "--data", str(data), "--model", "DiT-Micro/2", "--out", str(out), "--batch-size", "4",
             "--steps", str(steps), "--checkpoint-every", "1", "--device", "cpu", "--no-progress", *map(str, extra)]
 
 

@@ -33,7 +33,7 @@ def test_learning_rates_and_weight_decays_beyond_1_are_refused(tiny_model, tmp_p
     """Finite but absurd values train to finite garbage (weights of 1e30, chance accuracy): refused up front."""
     out = tmp_path / "out"
     args = {"finetune": finetune_args(tiny_model, out, 2),
-            "pretrain": ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "1", "--device", "cpu",
+            "pretrain": ["pretrain", "--codec", "pixel", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "1", "--device", "cpu",
                          "--out", str(out)],
             "evaluate": ["evaluate", "--train", str(tmp_path / "set"), "--test", "digits", "--device", "cpu",
                          "--out", str(out)]}[command]

@@ -38,7 +38,7 @@ TINY_RUN = ["--data", "digits", "--steps", "4", "--batch-size", "8", "--ipc", "2
 
 # Every stage, with settings that would finish (or fail) within seconds, so that the old code could be run.
 STAGES = {
-    "pretrain": ["pretrain", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "1", "--batch-size", "8",
+    "pretrain": ["pretrain", "--codec", "pixel", "--data", "digits", "--model", "DiT-Micro/2", "--steps", "1", "--batch-size", "8",
                  "--no-progress"],
     "finetune": ["finetune", "--data", "digits", "--steps", "1", "--no-progress"],
     "sample": ["sample", "--ipc", "1", "--steps", "2"],

@@ -34,12 +34,12 @@ def _say_labels(export: Path) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pretrain import pretrain, pretrain_defaults
+    from .pretrain import VAE_FOLDER, pretrain, pretrain_defaults
     from .train import TrainConfig
 
     from .fidelity import FIDELITY_FILE, FidelityConfig
 
-    check_out(args, "a run", TRAIN_RUN_MARKS)
+    check_out(args, "a run", TRAIN_RUN_MARKS + (VAE_FOLDER,))
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
     fidelity = config_from_args(FidelityConfig, args, FidelityConfig())
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, fidelity=fidelity)
@@ -238,7 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .fidelity import FIDELITY_HELP, FidelityConfig
-    from .pretrain import pretrain_defaults
+    from .pretrain import PRETRAIN_HELP, pretrain_defaults
 
     parser = argparse.ArgumentParser(prog="memdistill", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"memdistill {__version__}")
@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch")
     add_config_args(p, pretrain_defaults(), skip={"init", "train", "memory", "lambda_real", "lambda_gen", "mem_real",
-                                                  "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"}, help=TRAIN_HELP)
+                                                  "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"},
+                    help={**TRAIN_HELP, **PRETRAIN_HELP})
     add_config_args(p, FidelityConfig(), help=FIDELITY_HELP)
     _add_run_folder_args(p, "runs/pretrain")
     p.set_defaults(func=_cmd_pretrain)

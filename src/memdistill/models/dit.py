@@ -364,6 +364,12 @@ DIT_CONFIGS: dict[str, dict] = {
 }
 
 
+def check_model_name(name: str) -> None:
+    """Raise UserError unless ``name`` is a DiT size of DIT_CONFIGS (e.g. DiT-XL/2)."""
+    if name not in DIT_CONFIGS:
+        raise UserError(f"unknown DiT model {name!r}; choose one of: {', '.join(DIT_CONFIGS)}")
+
+
 def build_dit(
     name: str,
     input_size: int = 32,
@@ -373,8 +379,7 @@ def build_dit(
     class_dropout_prob: float = 0.1,
 ) -> DiT:
     """A fresh DiT of a registered size, e.g. build_dit("DiT-XL/2", 32, 4, 1000)."""
-    if name not in DIT_CONFIGS:
-        raise UserError(f"unknown DiT model {name!r}; choose one of: {', '.join(DIT_CONFIGS)}")
+    check_model_name(name)
     return DiT(
         input_size=input_size,
         in_channels=in_channels,
