@@ -158,6 +158,7 @@ def test_untrained_model_warns(tmp_path, capsys, caplog):
     printed = capsys.readouterr().out.strip().splitlines()
     final = json.loads((out / FIDELITY_FILE).read_text())["final"]
     assert final["fidelity"] < 80 and "below 80%" in final["warning"]
+    assert "the latent route" in final["warning"]  # a pixel run is pointed to the route that trains sooner
     assert printed[-1] == f"WARNING: {final['warning']}"  # the last line printed
     assert any(r.levelname == "WARNING" and final["warning"] in r.getMessage() for r in caplog.records)
 

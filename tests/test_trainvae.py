@@ -69,6 +69,54 @@ def test_resume_is_bit_identical_to_a_straight_run(trained, tmp_path):
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3, 4, 6]
 
 
+def test_reconstructions_are_checked_at_checkpoints_and_at_the_end(trained, tmp_path, capsys):
+    from memdistill.trainvae import GRID_FILE, QUALITY_FILE
+
+    record = json.loads((trained / QUALITY_FILE).read_text())
+    assert record["images"]["split"] == "test" and record["images"]["count"] == 364  # digits' test split
+    assert [c["step"] for c in record["checks"]] == [3] and record["final"]["step"] == 6
+    results = json.loads((trained / "manifest.json").read_text())["results"]
+    assert results["judge_top1_reconstructions"] == record["final"]["judge_top1_reconstructions"]
+    assert 0 <= record["judge_top1_originals"] <= 100 and (trained / GRID_FILE).is_file()
+    # printed: a line per check, the final one last; a resume keeps the checks of the steps it keeps
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "3", "--checkpoint-every", "1") == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if "reconstructions of 364 test images" in line]
+    assert [line.split(":")[0] for line in printed] == ["step 1", "step 2", "step 3"]
+    assert _train(out, "--steps", "4", "--checkpoint-every", "1", "--resume") == 0
+    assert [c["step"] for c in json.loads((out / QUALITY_FILE).read_text())["checks"]] == [1, 2, 3]
+
+
+def test_a_folder_without_test_images_is_checked_on_training_images(tmp_path, capsys):
+    from PIL import Image
+
+    from memdistill.trainvae import QUALITY_FILE
+
+    x, y = load_tensors(open_dataset("digits", "train"))
+    for i in range(60):
+        folder = tmp_path / "data" / str(int(y[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    out = tmp_path / "r"
+    assert main([*TINY, "--data", str(tmp_path / "data"), "--steps", "2", "--out", str(out)]) == 0
+    record = json.loads((out / QUALITY_FILE).read_text())
+    assert record["images"]["split"] == "train" and record["images"]["count"] == 60
+    assert "60 training images (no --test)" in capsys.readouterr().out
+
+
+def test_a_vae_that_loses_the_classes_warns_last(tmp_path, capsys):
+    from memdistill.trainvae import QUALITY_FILE
+
+    # one step: the reconstructions are far from the originals, and any drop exceeds a threshold of 0
+    assert _train(tmp_path / "r", "--steps", "1", "--judge-warn-drop", "0") == 0
+    final = json.loads((tmp_path / "r" / QUALITY_FILE).read_text())["final"]
+    assert final["warning"] and "below" in final["warning"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"WARNING: {final['warning']}"
+    assert _train(tmp_path / "q", "--steps", "1", "--judge-warn-drop", "100") == 0  # no drop exceeds 100 points
+    assert json.loads((tmp_path / "q" / QUALITY_FILE).read_text())["final"]["warning"] is None
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_resume_with_changed_settings_is_refused(trained, tmp_path, capsys):
     out = tmp_path / "changed"
     assert _train(out, "--steps", "3") == 0
@@ -81,6 +129,7 @@ def test_resume_with_changed_settings_is_refused(trained, tmp_path, capsys):
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--kl-weight", "-1"], "--kl-weight must be"),
+    (["--judge-warn-drop", "101"], "--judge-warn-drop must be"),
     (["--channels-list", "32,40"], "--channels-list must be comma-separated multiples of 32"),
     (["--channels-list", "a"], "--channels-list must be"),
     (["--loss", "l2"], "--loss must be one of l1, mse"),

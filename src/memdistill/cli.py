@@ -43,6 +43,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = config_from_args(TrainConfig, args, pretrain_defaults())
     fidelity = config_from_args(FidelityConfig, args, FidelityConfig())
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, fidelity=fidelity)
+    if (Path(args.out) / VAE_FOLDER / "manifest.json").is_file():  # the VAE this run trained first (--vae auto)
+        say(f"VAE of the data: {Path(args.out) / VAE_FOLDER}")
+        _say_vae_quality(Path(args.out) / VAE_FOLDER)
     _say_labels(export)
     say(f"pretrained model exported to {export}")
     if fidelity.fidelity:
@@ -115,10 +118,24 @@ def _cmd_train_vae(args: argparse.Namespace) -> None:
     r = train_vae(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     say(f"latents {'x'.join(map(str, r['latent_shape']))} of {r['image_size']} px images (padded to {r['pad_to']} px); "
         f"scaling factor {r['scaling_factor']:.5f} (1 / std {r['latent_std']:.4f} of the train latents)")
-    if "psnr_db" in r:
-        say(f"test reconstructions: PSNR {r['psnr_db']:.2f} dB; judge top-1 {r['judge_top1_reconstructions']:.2f} % "
-            f"on reconstructions, {r['judge_top1_originals']:.2f} % on the originals")
     say(f"VAE exported to {Path(args.out) / 'export'} (use --codec vae --vae {Path(args.out) / 'export'})")
+    _say_vae_quality(Path(args.out))
+
+
+def _say_vae_quality(run: Path) -> None:
+    """Print the reconstruction checks a train-vae run recorded (trainvae.QUALITY_FILE), its warning last."""
+    from .trainvae import GRID_FILE, QUALITY_FILE
+
+    record = json.loads((run / QUALITY_FILE).read_text())
+    images, originals = record["images"], record["judge_top1_originals"]
+    what = "test images" if images["split"] == "test" else "training images (no --test)"
+    for check in record["checks"] + [record["final"]]:
+        say(f"step {check['step']}: reconstructions of {images['count']} {what}: PSNR {check['psnr_db']:.2f} dB; "
+            f"judge top-1 {check['judge_top1_reconstructions']:.2f} % on reconstructions, {originals:.2f} % on the "
+            "originals")
+    say(f"originals and reconstructions: {run / GRID_FILE}")
+    if record["final"]["warning"]:
+        say(f"WARNING: {record['final']['warning']}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:

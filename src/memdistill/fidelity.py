@@ -319,4 +319,7 @@ class FidelityWatch:
         weak = sorted((v, n) for n, v in result["per_class"].items() if v is not None)[:3]
         return (f"class fidelity {result['fidelity']:.1f}% is below {self.cfg.fidelity_warn:g}% "
                 f"(weakest classes: {', '.join(f'{n} {v:.0f}%' for v, n in weak)}): the model's samples often do "
-                f"not show their class; see {self.out / SAMPLES_FILE}. Train longer (--steps) or check --lr / --model")
+                f"not show their class; see {self.out / SAMPLES_FILE}. Train longer (--steps) or check --lr / --model"
+                + ("; on a new small dataset the latent route (no --codec pixel: a VAE of the data first) trains a "
+                   "usable model sooner (docs/pretrained.md)" if getattr(self.train_cfg, "codec", None) == "pixel"
+                   else ""))

@@ -38,10 +38,13 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 LOSS_CHOICES = ("l1", "mse")
+QUALITY_FILE = "quality.json"  # the reconstruction checks of a run: every checkpoint's and the final one
+GRID_FILE = "reconstructions.png"  # originals and their reconstructions, a row per class
+CHECK_IMAGES = 1000  # training images a run without test images checks its reconstructions on
 # The KL weight of latent diffusion's KL autoencoders (Rombach et al. 2022, configs autoencoder_kl_*: kl_weight 1e-6).
 LDM_KL_WEIGHT = 1e-6
 # How a run is watched, not what it computes: a resume may change these (and --steps, which only says where to stop).
-RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress", "steps"}
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "device", "progress", "steps", "judge_warn_drop"}
 RESUME_KEYS = ("model", "opt", "rng", "step", "config")
 
 
@@ -68,6 +71,7 @@ class VAEConfig:
     loss: str = "l1"
     kl_weight: float = LDM_KL_WEIGHT
     judge_epochs: int = 5
+    judge_warn_drop: float = 5.0  # warn when the judge's top-1 on reconstructions falls this many points below
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 500
@@ -95,6 +99,7 @@ class VAEConfig:
         require_finite("--lr", self.lr, 0, MAX_LR, low_open=True)
         require_finite("--weight-decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
         require_finite("--kl-weight", self.kl_weight, 0, 1)
+        require_finite("--judge-warn-drop", self.judge_warn_drop, 0, 100)
         for name in ("latent_channels", "layers_per_block", "steps", "batch_size", "judge_epochs",
                      "checkpoint_every", "log_every"):
             require_int(flag(name), getattr(self, name), low=1)
@@ -229,6 +234,7 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     _trim_metrics(out / "metrics.jsonl", start)
+    checks = ReconstructionChecks(cfg, ds, images, targets, device, out, start)
 
     from .codec import pad_split
 
@@ -269,6 +275,8 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
                     if not all(torch.isfinite(p).all() for p in vae.parameters()):
                         raise diverged(done, "the weights")
                     save_state(done)
+                    if done < cfg.steps:  # the last step's check is the final one, on the export
+                        checks.at(done, vae, (a, b))
                 bar.update(1)
         finally:
             bar.close()
@@ -282,7 +290,7 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
                "latent_shape": [cfg.latent_channels, latent_side, latent_side],
                "parameters": sum(p.numel() for p in vae.parameters()),
                "export_bytes": sum(f.stat().st_size for f in export.iterdir()),
-               **reconstruction_quality(cfg, ds, export, images, targets, device)}
+               **checks.final(export, cfg.steps)}
     write_manifest(out, "train-vae", dataclasses.asdict(cfg), export="export", data=ds.identity,
                    class_names=list(ds.class_names), steps=cfg.steps, results=results)
     return results
@@ -303,38 +311,125 @@ def export_vae(vae, folder: Path, scaling_factor: float, image_size: int, pad_to
         record.unlink(missing_ok=True)
 
 
-def reconstruction_quality(cfg: VAEConfig, train_ds, export: Path, train_x: torch.Tensor, train_y: torch.Tensor,
-                           device: torch.device) -> dict:
-    """PSNR (dB, [0, 1] images) of the test split's reconstructions through the exported folder (loaded as
-    ``--codec vae`` loads it: pad, encode one posterior sample, decode, crop), and the top-1 (%) of a judge (ConvNet-3
-    trained on the real train split, metrics.train_feature_extractor) on the originals and on the reconstructions.
-    Empty when there is no test split (a folder --data without --test)."""
-    from .codec import VAECodec
-    from .data import EMBEDDED, load_tensors, open_dataset
-    from .metrics import classifier_accuracy, train_feature_extractor
+def reconstruct(vae, x: torch.Tensor, pad: tuple[int, int], seed: int, batch_size: int = 256) -> torch.Tensor:
+    """Images x (N, C, S, S) in [-1, 1] through ``vae`` as the vae codec takes them: padded (black) by ``pad``
+    (before, after), one posterior sample per image from a generator seeded with ``seed``, decoded, clamped to
+    [-1, 1] and cropped back to S px. The VAE's mode (train / eval) is kept."""
+    from .codec import PAD_VALUE
 
-    test = cfg.test or (cfg.data if cfg.data in EMBEDDED else None)
-    if test is None:
-        log.warning("no --test images: reconstruction quality not measured")
-        return {}
-    test_ds = open_dataset(test, "test", cfg.subset, train_ds.resolution, cfg.skip_bad_images, train_ds.channels,
-                           cfg.labels)
-    if list(test_ds.class_names) != list(train_ds.class_names):
-        raise UserError(f"--test {test}: its classes differ from those of --data {cfg.data}")
-    test_x, test_y = load_tensors(test_ds)
-    codec = VAECodec(export, device=device)
-    recon = codec.decode(codec.encode(test_x, generator=torch.Generator().manual_seed(cfg.seed)))
-    judge = train_feature_extractor(train_x, train_y, train_ds.num_classes, epochs=cfg.judge_epochs, device=device,
-                                    generator=torch.Generator().manual_seed(cfg.seed))
-    return {"test": test_ds.identity, "test_images": len(test_y), "psnr_db": psnr(recon, test_x),
-            "judge": {"net": "convnet3", "epochs": cfg.judge_epochs},
-            "judge_top1_originals": classifier_accuracy(judge, test_x, test_y, device=device),
-            "judge_top1_reconstructions": classifier_accuracy(judge, recon, test_y, device=device)}
+    a, b = pad
+    g = torch.Generator().manual_seed(seed)
+    device = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for xb in x.split(batch_size):
+            xb = torch.nn.functional.pad(xb.to(device), (a, b, a, b), value=PAD_VALUE)
+            z = vae.encode(xb).latent_dist.sample(generator=g)
+            y = vae.decode(z).sample.clamp(-1.0, 1.0)
+            out.append(y[..., a:y.shape[-2] - b, a:y.shape[-1] - b].cpu())
+    return torch.cat(out)
+
+
+class ReconstructionChecks:
+    """Whether a VAE keeps what tells the classes apart: the top-1 of a judge (ConvNet-3 trained on the real train
+    split) on reconstructions beside its top-1 on the originals, and the PSNR, at every checkpoint and at the end,
+    on the test images (``--test``, or the test split of an embedded ``--data``), else on a fixed sample of
+    CHECK_IMAGES training images. Recorded in ``out/QUALITY_FILE``; the end also writes GRID_FILE and warns when
+    the reconstructions' top-1 is more than ``--judge-warn-drop`` points below the originals'."""
+
+    def __init__(self, cfg: VAEConfig, train_ds, train_x: torch.Tensor, train_y: torch.Tensor, device, out: Path,
+                 start: int):
+        from .data import EMBEDDED, load_tensors, open_dataset
+        from .metrics import classifier_accuracy, train_feature_extractor
+
+        self.cfg, self.out, self.device, self.class_names = cfg, out, device, list(train_ds.class_names)
+        test = cfg.test or (cfg.data if cfg.data in EMBEDDED else None)
+        if test is not None:
+            test_ds = open_dataset(test, "test", cfg.subset, train_ds.resolution, cfg.skip_bad_images,
+                                   train_ds.channels, cfg.labels)
+            if list(test_ds.class_names) != self.class_names:
+                raise UserError(f"--test {test}: its classes differ from those of --data {cfg.data}")
+            self.x, self.y = load_tensors(test_ds)
+            images = {"split": "test", "data": test_ds.identity}
+        else:
+            pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed))[:CHECK_IMAGES]
+            pick = pick.sort().values
+            self.x, self.y = train_x[pick], train_y[pick]
+            images = {"split": "train", "data": train_ds.identity}
+            log.warning("no --test images: reconstructions are checked on %d training images", len(pick))
+        # The judge's own weights are drawn inside fork_rng: the VAE's training draws are the same with checks.
+        with torch.random.fork_rng(devices=[]):
+            self.judge = train_feature_extractor(train_x, train_y, train_ds.num_classes, epochs=cfg.judge_epochs,
+                                                 device=device, generator=torch.Generator().manual_seed(cfg.seed))
+        self._accuracy = lambda x: classifier_accuracy(self.judge, x, self.y, device=device)
+        kept = []
+        if start and (out / QUALITY_FILE).is_file():  # a resume keeps the checks of the steps it keeps
+            try:
+                earlier = json.loads((out / QUALITY_FILE).read_text())
+                final = earlier.get("final") or {}  # the end of the run extended now: a check of its step
+                kept = [c for c in [*earlier.get("checks", []), {k: v for k, v in final.items() if k != "warning"}]
+                        if isinstance(c.get("step"), int) and c["step"] <= start]
+            except (ValueError, AttributeError):
+                kept = []
+        self.record = {"images": {**images, "count": len(self.y)},
+                       "judge": {"net": "convnet3", "epochs": cfg.judge_epochs},
+                       "judge_top1_originals": self._accuracy(self.x), "checks": kept}
+
+    def figures(self, recon: torch.Tensor) -> dict:
+        """PSNR (dB) and the judge's top-1 (%) of reconstructions ``recon`` of the check images."""
+        return {"psnr_db": psnr(recon, self.x), "judge_top1_reconstructions": self._accuracy(recon)}
+
+    def at(self, step: int, vae, pad: tuple[int, int]) -> dict:
+        """Check the VAE being trained at ``step`` (then back in train mode); logged and recorded."""
+        vae.eval()
+        check = {"step": step, **self.figures(reconstruct(vae, self.x, pad, self.cfg.seed))}
+        vae.train()
+        self.record["checks"].append(check)
+        self._write()
+        log.info("step %d: reconstructions PSNR %.2f dB, judge top-1 %.2f %% (originals %.2f %%)", step,
+                 check["psnr_db"], check["judge_top1_reconstructions"], self.record["judge_top1_originals"])
+        return check
+
+    def final(self, export: Path, step: int) -> dict:
+        """The export loaded as ``--codec vae`` loads it: figures, grid, warning; returns the results' entries."""
+        from .codec import VAECodec
+        from .fidelity import GRID_COLUMNS
+        from .manifest import disk_full_is_user_error
+        from .reports import class_grid
+
+        codec = VAECodec(export, device=self.device)
+        recon = codec.decode(codec.encode(self.x, generator=torch.Generator().manual_seed(self.cfg.seed)))
+        final = {"step": step, **self.figures(recon)}
+        drop = self.record["judge_top1_originals"] - final["judge_top1_reconstructions"]
+        final["warning"] = None if drop <= self.cfg.judge_warn_drop else (
+            f"the judge's top-1 on reconstructions, {final['judge_top1_reconstructions']:.2f} %, is {drop:.2f} points "
+            f"below its {self.record['judge_top1_originals']:.2f} % on the originals (more than --judge-warn-drop "
+            f"{self.cfg.judge_warn_drop:g}): the latents lose what tells the classes apart; see "
+            f"{self.out / GRID_FILE}. Train longer (--steps) or give the VAE more --latent-channels")
+        self.record["final"] = final
+        self._write()
+        half = max(1, GRID_COLUMNS // 2)  # originals and their reconstructions side by side
+        rows = [[*self.x[self.y == c][:half], *recon[self.y == c][:half]] for c in range(len(self.class_names))]
+        path = self.out / GRID_FILE
+        with disk_full_is_user_error(path):
+            class_grid(rows, self.class_names, [("originals", half), ("reconstructions", half)]).save(path)
+        if final["warning"]:
+            log.warning(final["warning"])
+        return {"test" if self.record["images"]["split"] == "test" else "check_images": self.record["images"]["data"],
+                "test_images" if self.record["images"]["split"] == "test" else "check_image_count": len(self.y),
+                "psnr_db": final["psnr_db"], "judge": self.record["judge"],
+                "judge_top1_originals": self.record["judge_top1_originals"],
+                "judge_top1_reconstructions": final["judge_top1_reconstructions"], "warning": final["warning"]}
+
+    def _write(self) -> None:
+        from .manifest import write_json_atomic
+
+        write_json_atomic(self.out / QUALITY_FILE, self.record)
 
 
 VAE_HELP = {
-    "test": "real test images for the reconstruction figures: an embedded dataset's name or a folder (default: the "
-            "test split of an embedded --data; none for a folder: no figures)",
+    "test": "real test images for the reconstruction checks: an embedded dataset's name or a folder (default: the "
+            "test split of an embedded --data; for a folder --data, a fixed sample of 1000 training images)",
     "channels_list": "comma-separated widths of the resolution levels, multiples of 32; n levels down-sample by "
                      "2^(n-1)",
     "latent_channels": "channels of the latents",
@@ -347,7 +442,9 @@ VAE_HELP = {
     "loss": "reconstruction loss: l1 (as latent diffusion) or mse, summed over each image's pixels",
     "kl_weight": "weight of the KL term, 0 to 1 (default: 1e-6, latent diffusion's)",
     "judge_epochs": "epochs of the ConvNet-3 judge trained on the real train split",
+    "judge_warn_drop": "warn when the judge's top-1 on the final reconstructions is more than this many points "
+                       "below its top-1 on the originals, 0 to 100",
     "seed": "seed of the initial weights, batch order and posterior samples, 0 to 2147483647",
-    "checkpoint_every": "save a resume state every this many steps",
+    "checkpoint_every": "save a resume state, and check the reconstructions, every this many steps",
     "log_every": "write a line of metrics.jsonl every this many steps",
 }
