@@ -263,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log progress messages (-v) or debug details (-vv); warnings are always shown")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch")
+    p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch",
+                       description="Train a class-conditional DiT from scratch, by default as the paper's latent "
+                                   "pipeline: first a VAE of --data (train-vae's defaults) into OUT/vae, then a "
+                                   "DiT-Tiny/2 on its latents (--vae DIR: a VAE you have; --codec pixel: a DiT-Tiny/4 "
+                                   "on pixels, no VAE). Prints the VAE's reconstruction checks and the class "
+                                   "fidelity of the DiT's samples.")
     add_config_args(p, pretrain_defaults(), skip={"init", "train", "memory", "lambda_real", "lambda_gen", "mem_real",
                                                   "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"},
                     help={**TRAIN_HELP, **PRETRAIN_HELP})
