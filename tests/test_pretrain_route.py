@@ -106,3 +106,32 @@ def test_torchrun_is_told_to_train_the_vae_first(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="train-vae"):
         pretrain(cfg, tmp_path / "pt")
     assert not (tmp_path / "pt" / "vae").exists()
+
+
+def test_resume_with_another_route_is_refused_before_a_vae_is_trained(tmp_path, capsys):
+    out = tmp_path / "pt"
+    assert main(["pretrain", *FAST, "--codec", "pixel", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *FAST, "--steps", "5", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with changed settings (codec" in err and "--codec pixel" in err
+    assert not (out / "vae").exists()
+
+
+def test_what_the_vae_stage_refuses_says_it_is_the_vae_and_how_to_change_it(tmp_path, capsys):
+    from test_trainvae import _folder_of_digits
+
+    data = _folder_of_digits(tmp_path / "few", [0, 1], per_class=5)  # 10 images: below the VAE's batch of 32
+    assert main(["pretrain", *FAST, "--batch-size", "4", "--data", str(data), "--out", str(tmp_path / "pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 32 exceeds the 10 training images" in err and len(err.strip().splitlines()) == 1
+    assert "memdistill train-vae" in err and "--vae" in err
+
+
+def test_a_vae_quality_warning_says_how_to_train_a_better_vae(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("memdistill.trainvae.vae_defaults",
+                        lambda: VAEConfig(channels_list="32,32", steps=1, judge_epochs=1, judge_warn_drop=0))
+    assert main(["pretrain", *FAST, "--out", str(tmp_path / "pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("WARNING: the judge's top-1 on reconstructions")]
+    assert warned and "memdistill train-vae" in lines[warned[0] + 1] and "--vae" in lines[warned[0] + 1]

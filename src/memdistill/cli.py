@@ -45,7 +45,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, fidelity=fidelity)
     if (Path(args.out) / VAE_FOLDER / "manifest.json").is_file():  # the VAE this run trained first (--vae auto)
         say(f"VAE of the data: {Path(args.out) / VAE_FOLDER}")
-        _say_vae_quality(Path(args.out) / VAE_FOLDER)
+        # the warning's remedies (--steps, --latent-channels) are train-vae's options, not pretrain's
+        _say_vae_quality(Path(args.out) / VAE_FOLDER,
+                         advice=f"(those options are train-vae's: run memdistill train-vae --data {cfg.data} --out DIR "
+                                "with them, then pretrain with --vae DIR/export)")
     _say_labels(export)
     say(f"pretrained model exported to {export}")
     if fidelity.fidelity:
@@ -122,8 +125,9 @@ def _cmd_train_vae(args: argparse.Namespace) -> None:
     _say_vae_quality(Path(args.out))
 
 
-def _say_vae_quality(run: Path) -> None:
-    """Print the reconstruction checks a train-vae run recorded (trainvae.QUALITY_FILE), its warning last."""
+def _say_vae_quality(run: Path, advice: str | None = None) -> None:
+    """Print the reconstruction checks a train-vae run recorded (trainvae.QUALITY_FILE), its warning last, and
+    ``advice`` on the line after a warning."""
     from .trainvae import GRID_FILE, QUALITY_FILE
 
     record = json.loads((run / QUALITY_FILE).read_text())
@@ -136,6 +140,8 @@ def _say_vae_quality(run: Path) -> None:
     say(f"originals and reconstructions: {run / GRID_FILE}")
     if record["final"]["warning"]:
         say(f"WARNING: {record['final']['warning']}")
+        if advice:
+            say(advice)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:

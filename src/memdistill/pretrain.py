@@ -75,11 +75,34 @@ def train_own_vae(cfg: TrainConfig, out: Path, resume: bool) -> Path:
         log.info("pretrain: reusing the finished VAE in %s", folder)
         return export
     log.info("pretrain: training a VAE of the data first (%s); --vae DIR or --codec pixel skip this", folder)
-    results = train_vae(vae_cfg, folder, resume=resume)
+    try:
+        results = train_vae(vae_cfg, folder, resume=resume)
+    except UserError as err:
+        # An option it names (--batch-size, --lr, ...) is train-vae's, not this command's: say how to set it.
+        raise UserError(f"{err} [the VAE that pretrain trains first in {folder}, with train-vae's settings: to "
+                        f"choose them, run memdistill train-vae --data {cfg.data} --out DIR and pass --vae "
+                        "DIR/export; or --codec pixel]") from None
     log.info("pretrain: VAE trained: latents %s, scaling factor %.5f%s", "x".join(map(str, results["latent_shape"])),
              results["scaling_factor"],
              f", test PSNR {results['psnr_db']:.2f} dB" if "psnr_db" in results else "")
     return export
+
+
+def check_resume_route(out: Path, cfg: TrainConfig) -> None:
+    """Refuse (UserError) a --resume of the DiT run in ``out`` with settings ``cfg`` (its VAE's export in place of
+    --vae auto) other than the saved ones, before a VAE is trained for it: run_training checks the same later,
+    after the VAE. Nothing to check when ``out`` holds no readable config.json yet."""
+    from .manifest import read_json_object
+    from .train import check_settings
+
+    if not (out / "config.json").is_file():
+        return
+    try:
+        saved = read_json_object(out / "config.json")
+    except UserError:
+        return  # damaged: run_training decides from the copy of the settings in the resume state
+    # --flip auto resolves on the loaded data (compared then): here it stands for the saved value.
+    check_settings(saved, dataclasses.replace(cfg, flip=saved.get("flip", cfg.flip) if cfg.flip == AUTO else cfg.flip))
 
 
 def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -102,7 +125,9 @@ def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite:
         dataclasses.replace(cfg, vae=None).with_resolved_paths().validate()
         fidelity.validate()
         check_model_name(cfg.model)
-        if not resume:  # refuse an earlier run, or clear it for --overwrite, before the VAE is written into it
+        if resume:
+            check_resume_route(out, dataclasses.replace(cfg, vae=str(out / VAE_FOLDER / "export")))
+        else:  # refuse an earlier run, or clear it for --overwrite, before the VAE is written into it
             prepare_output(out, cfg, resume=False, overwrite=overwrite, rank=0)
             if overwrite:
                 shutil.rmtree(out / VAE_FOLDER, ignore_errors=True)  # the VAE of an interrupted earlier run
