@@ -135,3 +135,15 @@ def test_a_vae_quality_warning_says_how_to_train_a_better_vae(tmp_path, capsys, 
     lines = capsys.readouterr().out.splitlines()
     warned = [i for i, line in enumerate(lines) if line.startswith("WARNING: the judge's top-1 on reconstructions")]
     assert warned and "memdistill train-vae" in lines[warned[0] + 1] and "--vae" in lines[warned[0] + 1]
+
+
+def test_resume_does_not_reuse_a_vae_trained_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "pt"
+    # the VAE finished, the DiT not started: the run was stopped in between
+    assert main(["train-vae", "--data", "digits", "--no-progress", "--out", str(out / "vae")]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *FAST, "--seed", "3", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with changed settings (seed: 0 -> 3)" in err and "the VAE that pretrain trains first" in err
+    assert not (out / "export").exists()
+    assert main(["pretrain", *FAST, "--resume", "--out", str(out)]) == 0  # with its own settings it is reused

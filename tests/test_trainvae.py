@@ -296,3 +296,13 @@ def test_a_damaged_quality_record_is_not_carried_into_a_resume(tmp_path, capsys)
     assert _train(out, "--steps", "4", "--resume") == 0
     assert [c["step"] for c in json.loads((out / QUALITY_FILE).read_text())["checks"]] == [2, 3]
     assert "step 3: reconstructions" in capsys.readouterr().out
+
+
+def test_a_resume_may_change_how_the_run_is_watched_not_what_it_computes(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "2") == 0
+    assert _train(out, "--steps", "3", "--resume", "--judge-warn-drop", "50") == 0  # RESUMABLE_CHANGES
+    (out / "config.json").write_text("{damaged")  # then the settings saved in the resume state decide
+    capsys.readouterr()
+    assert _train(out, "--steps", "4", "--resume", "--lr", "0.01") == 2
+    assert "--resume with changed settings (lr" in capsys.readouterr().err

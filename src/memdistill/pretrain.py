@@ -60,7 +60,7 @@ def train_own_vae(cfg: TrainConfig, out: Path, resume: bool) -> Path:
     """Train (or, on ``resume``, continue or reuse) the VAE of ``cfg``'s data in ``out/vae`` with train-vae's
     defaults and ``cfg``'s data options, seed, device and progress; returns its export folder. Raises UserError
     under torchrun (train it first with ``memdistill train-vae`` and pass --vae) and for what train_vae refuses."""
-    from .trainvae import train_vae, vae_defaults
+    from .trainvae import resume_state, train_vae, vae_defaults
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("pretrain --vae auto trains its VAE in one process; under torchrun, train it first "
@@ -71,11 +71,12 @@ def train_own_vae(cfg: TrainConfig, out: Path, resume: bool) -> Path:
                                   skip_bad_images=cfg.skip_bad_images, channels=cfg.channels, labels=cfg.labels,
                                   seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     export = folder / "export"
-    if resume and (folder / "manifest.json").is_file() and (export / "config.json").is_file():
-        log.info("pretrain: reusing the finished VAE in %s", folder)
-        return export
-    log.info("pretrain: training a VAE of the data first (%s); --vae DIR or --codec pixel skip this", folder)
     try:
+        if resume and (folder / "manifest.json").is_file() and (export / "config.json").is_file():
+            resume_state(folder, vae_cfg.with_resolved_paths(), resume=True)  # made with these settings?
+            log.info("pretrain: reusing the finished VAE in %s", folder)
+            return export
+        log.info("pretrain: training a VAE of the data first (%s); --vae DIR or --codec pixel skip this", folder)
         results = train_vae(vae_cfg, folder, resume=resume)
     except UserError as err:
         # An option it names (--batch-size, --lr, ...) is train-vae's, not this command's: say how to set it.

@@ -192,6 +192,22 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def resume_state(out: Path, cfg: VAEConfig, resume: bool, overwrite: bool = False) -> dict | None:
+    """The resume state of the run in ``out`` that ``resume`` continues (None: start afresh), with its settings
+    checked against ``cfg``: those of its config.json, or when that is damaged or gone, those saved in the state;
+    RESUMABLE_CHANGES may differ. Clears an earlier run for ``overwrite``. Raises UserError for a run in the way
+    (no --resume or --overwrite), a resume without a state, and changed settings."""
+    from .train import check_settings, prepare_output
+
+    state_path, checked = prepare_output(out, cfg, resume, overwrite, rank=0, resumable=RESUMABLE_CHANGES)
+    if state_path is None:
+        return None
+    state = _load_state(state_path)
+    if not checked:
+        check_settings(state["config"], cfg, RESUMABLE_CHANGES)
+    return state
+
+
 def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train, export ``out/export`` and measure; returns the results (also in ``out/manifest.json``).
 
@@ -200,8 +216,7 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
     from .data import load_tensors, open_dataset
     from .devices import resolve_device
     from .manifest import write_json_atomic, write_manifest
-    from .train import (_DeferInterrupt, _trim_metrics, batch_indices, prepare_output, restore_rng, rng_state,
-                        save_atomic)
+    from .train import _DeferInterrupt, _trim_metrics, batch_indices, restore_rng, rng_state, save_atomic
 
     cfg = cfg.with_resolved_paths()
     cfg.validate()
@@ -217,14 +232,13 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
     # The check images are read before the run folder is touched: a refused --test leaves nothing half-made, and
     # an earlier run that --overwrite would replace stays.
     checks = ReconstructionChecks(cfg, ds, images, targets, device, out)
-    state_path, _ = prepare_output(out, cfg, resume, overwrite, rank=0)  # checks the settings of a --resume
+    state = resume_state(out, cfg, resume, overwrite)
 
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     vae = build_vae(cfg, images.shape[1], size).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    if state_path is not None:
-        state = _load_state(state_path)
+    if state is not None:
         if state.get("data") not in (None, ds.identity):
             raise UserError(f"--resume: the data differ from those the run in {out} was trained on "
                             f"(--data {cfg.data}); resume on the same images, or start again with --overwrite")
