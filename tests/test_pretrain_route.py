@@ -147,3 +147,14 @@ def test_resume_does_not_reuse_a_vae_trained_with_other_settings(tmp_path, capsy
     assert "--resume with changed settings (seed: 0 -> 3)" in err and "the VAE that pretrain trains first" in err
     assert not (out / "export").exists()
     assert main(["pretrain", *FAST, "--resume", "--out", str(out)]) == 0  # with its own settings it is reused
+
+
+def test_the_help_says_a_vae_is_trained_first_and_what_it_needs(capsys):
+    from memdistill.trainvae import vae_defaults
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    vae = vae_defaults()
+    assert f"{vae.steps} steps, batches of {vae.batch_size}" in text and "--codec pixel" in text
+    assert "--steps, --batch-size and --lr are the DiT's" in text

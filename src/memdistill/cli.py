@@ -261,7 +261,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .fidelity import FIDELITY_HELP, FidelityConfig
-    from .pretrain import PRETRAIN_HELP, pretrain_defaults
+    from .pretrain import PRETRAIN_HELP, pretrain_defaults, pretrain_description
 
     parser = argparse.ArgumentParser(prog="memdistill", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"memdistill {__version__}")
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log progress messages (-v) or debug details (-vv); warnings are always shown")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch")
+    p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch",
+                       description=pretrain_description())
     add_config_args(p, pretrain_defaults(), skip={"init", "train", "memory", "lambda_real", "lambda_gen", "mem_real",
                                                   "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"},
                     help={**TRAIN_HELP, **PRETRAIN_HELP})

@@ -36,6 +36,19 @@ PRETRAIN_HELP = {
 }
 
 
+def pretrain_description() -> str:
+    """`memdistill pretrain --help`'s description: the two stages of the default route, with the VAE's settings
+    (train-vae's defaults, so a --data needs at least its batch of images)."""
+    from .trainvae import vae_defaults
+
+    vae = vae_defaults()
+    return (f"Train a class-conditional DiT from scratch. By default a VAE of --data is trained first into OUT/vae "
+            f"(train-vae's defaults: {vae.steps} steps, batches of {vae.batch_size} images), then a "
+            f"{AUTO_MODEL['vae']} on its latents; --steps, --batch-size and --lr are the DiT's. --vae DIR uses a "
+            "given VAE (e.g. from memdistill train-vae, to choose its settings); --codec pixel trains "
+            f"a {AUTO_MODEL['pixel']} on the pixels, without a VAE.")
+
+
 def pretrain_defaults() -> TrainConfig:
     """Settings that train a usable model of a small dataset on 2 CPU cores (the shipped mnist5k-latent pair)."""
     return TrainConfig(data="mnist5k", model=AUTO, vae=AUTO, train="all", batch_size=64, lr=1e-3, steps=8000,
