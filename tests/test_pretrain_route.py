@@ -106,3 +106,55 @@ def test_torchrun_is_told_to_train_the_vae_first(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="train-vae"):
         pretrain(cfg, tmp_path / "pt")
     assert not (tmp_path / "pt" / "vae").exists()
+
+
+def test_resume_with_another_route_is_refused_before_a_vae_is_trained(tmp_path, capsys):
+    out = tmp_path / "pt"
+    assert main(["pretrain", *FAST, "--codec", "pixel", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *FAST, "--steps", "5", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with changed settings (codec" in err and "--codec pixel" in err
+    assert not (out / "vae").exists()
+
+
+def test_what_the_vae_stage_refuses_says_it_is_the_vae_and_how_to_change_it(tmp_path, capsys):
+    from test_trainvae import _folder_of_digits
+
+    data = _folder_of_digits(tmp_path / "few", [0, 1], per_class=5)  # 10 images: below the VAE's batch of 32
+    assert main(["pretrain", *FAST, "--batch-size", "4", "--data", str(data), "--out", str(tmp_path / "pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 32 exceeds the 10 training images" in err and len(err.strip().splitlines()) == 1
+    assert "memdistill train-vae" in err and "--vae" in err
+
+
+def test_a_vae_quality_warning_says_how_to_train_a_better_vae(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("memdistill.trainvae.vae_defaults",
+                        lambda: VAEConfig(channels_list="32,32", steps=1, judge_epochs=1, judge_warn_drop=0))
+    assert main(["pretrain", *FAST, "--out", str(tmp_path / "pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("WARNING: the judge's top-1 on reconstructions")]
+    assert warned and "memdistill train-vae" in lines[warned[0] + 1] and "--vae" in lines[warned[0] + 1]
+
+
+def test_resume_does_not_reuse_a_vae_trained_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "pt"
+    # the VAE finished, the DiT not started: the run was stopped in between
+    assert main(["train-vae", "--data", "digits", "--no-progress", "--out", str(out / "vae")]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *FAST, "--seed", "3", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with changed settings (seed: 0 -> 3)" in err and "the VAE that pretrain trains first" in err
+    assert not (out / "export").exists()
+    assert main(["pretrain", *FAST, "--resume", "--out", str(out)]) == 0  # with its own settings it is reused
+
+
+def test_the_help_says_a_vae_is_trained_first_and_what_it_needs(capsys):
+    from memdistill.trainvae import vae_defaults
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    vae = vae_defaults()
+    assert f"{vae.steps} steps, batches of {vae.batch_size}" in text and "--codec pixel" in text
+    assert "--steps, --batch-size and --lr are the DiT's" in text

@@ -222,3 +222,87 @@ def test_the_padding_record_is_part_of_the_vae_identity(tmp_path):
     (folder / PADDING_FILE).write_text(json.dumps({"image_size": 6, "pad_to": 12}))
     assert VAECodec(folder).identity() != before
     assert cache_key(VAECodec(folder), ds) != key
+
+
+# ----- runs that stop early, inputs that are refused, records that are damaged ------------------------------
+def _folder_of_digits(root, classes, per_class=4):
+    """A class-per-folder tree of digits' first training images of ``classes``."""
+    from PIL import Image
+
+    x, y = load_tensors(open_dataset("digits", "train"))
+    for c in classes:
+        folder = root / str(c)
+        folder.mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:per_class].tolist():
+            Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    return root
+
+
+def test_a_refused_test_set_leaves_no_run_behind_and_keeps_an_earlier_one(trained, tmp_path, capsys):
+    other = _folder_of_digits(tmp_path / "other", [0, 1])  # 2 classes, digits has 10
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "1", "--test", str(other)) == 2
+    assert "classes differ" in capsys.readouterr().err
+    assert _train(out, "--steps", "1") == 0  # nothing half-made in the way: no --overwrite or --resume needed
+    before = (out / "export" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert _train(out, "--steps", "1", "--test", str(other), "--overwrite") == 2
+    assert (out / "export" / "diffusion_pytorch_model.safetensors").read_bytes() == before  # not cleared first
+
+
+def test_an_interrupted_run_resumes_from_its_last_step(trained, tmp_path, monkeypatch, caplog):
+    from memdistill import metrics, trainvae
+
+    real_loss, real_judge = trainvae.vae_loss, metrics.train_feature_extractor
+
+    def judge_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Stopped while the judge trains, before any step: --resume starts the run, it is not refused.
+    monkeypatch.setattr(metrics, "train_feature_extractor", judge_interrupted)
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "6") == 130
+    monkeypatch.setattr(metrics, "train_feature_extractor", real_judge)
+    calls = []
+
+    def loss_interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:  # in step 3, before the first checkpoint (every 3)
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainvae, "vae_loss", loss_interrupted)
+    assert _train(out, "--steps", "6", "--resume") == 130
+    assert "holds step 2; continue with --resume" in caplog.text
+    monkeypatch.setattr(trainvae, "vae_loss", real_loss)
+    assert _train(out, "--steps", "6", "--resume") == 0
+    straight = load_file(trained / "export" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(out / "export" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_damaged_quality_record_is_not_carried_into_a_resume(tmp_path, capsys):
+    from memdistill.trainvae import QUALITY_FILE
+
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "2") == 0
+    good = json.loads((out / QUALITY_FILE).read_text())["final"]
+    # entries that are not checks are dropped, each on its own: the good ones stay
+    (out / QUALITY_FILE).write_text(json.dumps({"checks": [{"step": 1}, {"step": True, "psnr_db": 1.0},
+                                                           {"step": "1"}], "final": good}))
+    assert _train(out, "--steps", "3", "--resume") == 0
+    assert [c["step"] for c in json.loads((out / QUALITY_FILE).read_text())["checks"]] == [2]
+    record = json.loads((out / QUALITY_FILE).read_text())
+    (out / QUALITY_FILE).write_text(json.dumps({**record, "checks": [5, *record["checks"], None]}))
+    assert _train(out, "--steps", "4", "--resume") == 0
+    assert [c["step"] for c in json.loads((out / QUALITY_FILE).read_text())["checks"]] == [2, 3]
+    assert "step 3: reconstructions" in capsys.readouterr().out
+
+
+def test_a_resume_may_change_how_the_run_is_watched_not_what_it_computes(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "2") == 0
+    assert _train(out, "--steps", "3", "--resume", "--judge-warn-drop", "50") == 0  # RESUMABLE_CHANGES
+    (out / "config.json").write_text("{damaged")  # then the settings saved in the resume state decide
+    capsys.readouterr()
+    assert _train(out, "--steps", "4", "--resume", "--lr", "0.01") == 2
+    assert "--resume with changed settings (lr" in capsys.readouterr().err

@@ -45,7 +45,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     export = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, fidelity=fidelity)
     if (Path(args.out) / VAE_FOLDER / "manifest.json").is_file():  # the VAE this run trained first (--vae auto)
         say(f"VAE of the data: {Path(args.out) / VAE_FOLDER}")
-        _say_vae_quality(Path(args.out) / VAE_FOLDER)
+        # the warning's remedies (--steps, --latent-channels) are train-vae's options, not pretrain's
+        _say_vae_quality(Path(args.out) / VAE_FOLDER,
+                         advice=f"(those options are train-vae's: run memdistill train-vae --data {cfg.data} --out DIR "
+                                "with them, then pretrain with --vae DIR/export)")
     _say_labels(export)
     say(f"pretrained model exported to {export}")
     if fidelity.fidelity:
@@ -122,8 +125,9 @@ def _cmd_train_vae(args: argparse.Namespace) -> None:
     _say_vae_quality(Path(args.out))
 
 
-def _say_vae_quality(run: Path) -> None:
-    """Print the reconstruction checks a train-vae run recorded (trainvae.QUALITY_FILE), its warning last."""
+def _say_vae_quality(run: Path, advice: str | None = None) -> None:
+    """Print the reconstruction checks a train-vae run recorded (trainvae.QUALITY_FILE), its warning last, and
+    ``advice`` on the line after a warning."""
     from .trainvae import GRID_FILE, QUALITY_FILE
 
     record = json.loads((run / QUALITY_FILE).read_text())
@@ -136,6 +140,8 @@ def _say_vae_quality(run: Path) -> None:
     say(f"originals and reconstructions: {run / GRID_FILE}")
     if record["final"]["warning"]:
         say(f"WARNING: {record['final']['warning']}")
+        if advice:
+            say(advice)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -255,7 +261,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .fidelity import FIDELITY_HELP, FidelityConfig
-    from .pretrain import PRETRAIN_HELP, pretrain_defaults
+    from .pretrain import PRETRAIN_HELP, pretrain_defaults, pretrain_description
 
     parser = argparse.ArgumentParser(prog="memdistill", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"memdistill {__version__}")
@@ -264,11 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="train a class-conditional DiT from scratch",
-                       description="Train a class-conditional DiT from scratch, by default as the paper's latent "
-                                   "pipeline: first a VAE of --data (train-vae's defaults) into OUT/vae, then a "
-                                   "DiT-Tiny/2 on its latents (--vae DIR: a VAE you have; --codec pixel: a DiT-Tiny/4 "
-                                   "on pixels, no VAE). Prints the VAE's reconstruction checks and the class "
-                                   "fidelity of the DiT's samples.")
+                       description=pretrain_description())
     add_config_args(p, pretrain_defaults(), skip={"init", "train", "memory", "lambda_real", "lambda_gen", "mem_real",
                                                   "mem_gen", "repeat_loss_defect", "memory_max_t", "stage"},
                     help={**TRAIN_HELP, **PRETRAIN_HELP})
@@ -294,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sd-vae-ft-ema) on a dataset and export a folder that --codec vae --vae loads, "
                                    "with its scaling factor (1 / std of the train latents) in config.json. Loss: "
                                    "L1 reconstruction + 1e-6 x KL, as latent diffusion (Rombach et al. 2022). "
-                                   "Prints the test split's PSNR and a judge's accuracy on reconstructions.")
+                                   "Checks the reconstructions at every checkpoint and at the end (a judge's top-1 "
+                                   "beside the originals', PSNR; test images, else 1000 training images).")
     add_config_args(p, vae_defaults(), help={**TRAIN_HELP, **VAE_HELP})
     _add_run_folder_args(p, "runs/train-vae")
     p.set_defaults(func=_cmd_train_vae)

@@ -36,6 +36,20 @@ PRETRAIN_HELP = {
 }
 
 
+def pretrain_description() -> str:
+    """`memdistill pretrain --help`'s description: the two stages of the default route, with the VAE's settings
+    (train-vae's defaults, so a --data needs at least its batch of images)."""
+    from .trainvae import vae_defaults
+
+    vae = vae_defaults()
+    return (f"Train a class-conditional DiT from scratch. By default a VAE of --data is trained first into OUT/vae "
+            f"(train-vae's defaults: {vae.steps} steps, batches of {vae.batch_size} images), then a "
+            f"{AUTO_MODEL['vae']} on its latents; --steps, --batch-size and --lr are the DiT's. --vae DIR uses a "
+            "given VAE (e.g. from memdistill train-vae, to choose its settings); --codec pixel trains "
+            f"a {AUTO_MODEL['pixel']} on the pixels, without a VAE. Prints the VAE's reconstruction checks and the "
+            "class fidelity of the DiT's samples.")
+
+
 def pretrain_defaults() -> TrainConfig:
     """Settings that train a usable model of a small dataset on 2 CPU cores (the shipped mnist5k-latent pair)."""
     return TrainConfig(data="mnist5k", model=AUTO, vae=AUTO, train="all", batch_size=64, lr=1e-3, steps=8000,
@@ -60,7 +74,7 @@ def train_own_vae(cfg: TrainConfig, out: Path, resume: bool) -> Path:
     """Train (or, on ``resume``, continue or reuse) the VAE of ``cfg``'s data in ``out/vae`` with train-vae's
     defaults and ``cfg``'s data options, seed, device and progress; returns its export folder. Raises UserError
     under torchrun (train it first with ``memdistill train-vae`` and pass --vae) and for what train_vae refuses."""
-    from .trainvae import train_vae, vae_defaults
+    from .trainvae import resume_state, train_vae, vae_defaults
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("pretrain --vae auto trains its VAE in one process; under torchrun, train it first "
@@ -71,15 +85,39 @@ def train_own_vae(cfg: TrainConfig, out: Path, resume: bool) -> Path:
                                   skip_bad_images=cfg.skip_bad_images, channels=cfg.channels, labels=cfg.labels,
                                   seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     export = folder / "export"
-    if resume and (folder / "manifest.json").is_file() and (export / "config.json").is_file():
-        log.info("pretrain: reusing the finished VAE in %s", folder)
-        return export
-    log.info("pretrain: training a VAE of the data first (%s); --vae DIR or --codec pixel skip this", folder)
-    results = train_vae(vae_cfg, folder, resume=resume)
+    try:
+        if resume and (folder / "manifest.json").is_file() and (export / "config.json").is_file():
+            resume_state(folder, vae_cfg.with_resolved_paths(), resume=True)  # made with these settings?
+            log.info("pretrain: reusing the finished VAE in %s", folder)
+            return export
+        log.info("pretrain: training a VAE of the data first (%s); --vae DIR or --codec pixel skip this", folder)
+        results = train_vae(vae_cfg, folder, resume=resume)
+    except UserError as err:
+        # An option it names (--batch-size, --lr, ...) is train-vae's, not this command's: say how to set it.
+        raise UserError(f"{err} [the VAE that pretrain trains first in {folder}, with train-vae's settings: to "
+                        f"choose them, run memdistill train-vae --data {cfg.data} --out DIR and pass --vae "
+                        "DIR/export; or --codec pixel]") from None
     log.info("pretrain: VAE trained: latents %s, scaling factor %.5f%s", "x".join(map(str, results["latent_shape"])),
              results["scaling_factor"],
              f", test PSNR {results['psnr_db']:.2f} dB" if "psnr_db" in results else "")
     return export
+
+
+def check_resume_route(out: Path, cfg: TrainConfig) -> None:
+    """Refuse (UserError) a --resume of the DiT run in ``out`` with settings ``cfg`` (its VAE's export in place of
+    --vae auto) other than the saved ones, before a VAE is trained for it: run_training checks the same later,
+    after the VAE. Nothing to check when ``out`` holds no readable config.json yet."""
+    from .manifest import read_json_object
+    from .train import check_settings
+
+    if not (out / "config.json").is_file():
+        return
+    try:
+        saved = read_json_object(out / "config.json")
+    except UserError:
+        return  # damaged: run_training decides from the copy of the settings in the resume state
+    # --flip auto resolves on the loaded data (compared then): here it stands for the saved value.
+    check_settings(saved, dataclasses.replace(cfg, flip=saved.get("flip", cfg.flip) if cfg.flip == AUTO else cfg.flip))
 
 
 def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -102,7 +140,9 @@ def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite:
         dataclasses.replace(cfg, vae=None).with_resolved_paths().validate()
         fidelity.validate()
         check_model_name(cfg.model)
-        if not resume:  # refuse an earlier run, or clear it for --overwrite, before the VAE is written into it
+        if resume:
+            check_resume_route(out, dataclasses.replace(cfg, vae=str(out / VAE_FOLDER / "export")))
+        else:  # refuse an earlier run, or clear it for --overwrite, before the VAE is written into it
             prepare_output(out, cfg, resume=False, overwrite=overwrite, rank=0)
             if overwrite:
                 shutil.rmtree(out / VAE_FOLDER, ignore_errors=True)  # the VAE of an interrupted earlier run

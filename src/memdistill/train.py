@@ -331,10 +331,11 @@ def total_steps(cfg: TrainConfig, n: int) -> int:
     return max(int(round((cfg.epochs or 1.0) * per_epoch)), 1)
 
 
-def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank: int
-                   ) -> tuple[Path | None, bool]:
+def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank: int,
+                   resumable: set[str] = RESUMABLE_CHANGES) -> tuple[Path | None, bool]:
     """(the resume state to load, if any; whether the settings were checked against the run's config.json).
-    Refuses to mix runs in one folder, and a resume with other settings than those in config.json. When that
+    Refuses to mix runs in one folder, and a resume with other settings than those in config.json, except the
+    ``resumable`` ones (another stage's settings, e.g. a train-vae VAEConfig, come with their own). When that
     file is damaged or gone, the copy of the settings inside the resume state decides instead (check_resume)."""
     state_path = out / "checkpoints" / "last.pt"
     holds_run = (out / "config.json").exists() or state_path.exists()
@@ -348,7 +349,7 @@ def prepare_output(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, r
         except UserError as err:
             log.warning("%s; the settings saved in %s are used instead, and config.json is rewritten", err, state_path)
             return state_path, False
-        check_settings(saved, cfg)
+        check_settings(saved, cfg, resumable)
         return state_path, True
     if holds_run or (out / "manifest.json").exists():
         if not overwrite:
@@ -374,12 +375,12 @@ def save_atomic(obj, path: Path) -> None:
 RESUME_KEYS = ("model", "ema", "opt", "memories", "rng", "step", "config")
 
 
-def check_settings(saved: dict, cfg: TrainConfig) -> None:
-    """Refuse (UserError) a resume whose settings differ from the ``saved`` ones, other than RESUMABLE_CHANGES.
+def check_settings(saved: dict, cfg: TrainConfig, resumable: set[str] = RESUMABLE_CHANGES) -> None:
+    """Refuse (UserError) a resume whose settings differ from the ``saved`` ones, other than ``resumable``.
     Path options are compared resolved; a relative path saved by an older version is taken as relative to the
     working directory, as it was then read."""
     saved = {**saved, **{k: _resolved(k, saved.get(k)) for k in PATH_OPTIONS if k in saved}}
-    refuse_changed_settings(saved, dataclasses.asdict(cfg.with_resolved_paths()), ignore=RESUMABLE_CHANGES)
+    refuse_changed_settings(saved, dataclasses.asdict(cfg.with_resolved_paths()), ignore=resumable)
 
 
 def check_resume(state: dict, cfg: TrainConfig, data: TrainData, steps: int, path: Path, settings_checked: bool

@@ -192,6 +192,22 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def resume_state(out: Path, cfg: VAEConfig, resume: bool, overwrite: bool = False) -> dict | None:
+    """The resume state of the run in ``out`` that ``resume`` continues (None: start afresh), with its settings
+    checked against ``cfg``: those of its config.json, or when that is damaged or gone, those saved in the state;
+    RESUMABLE_CHANGES may differ. Clears an earlier run for ``overwrite``. Raises UserError for a run in the way
+    (no --resume or --overwrite), a resume without a state, and changed settings."""
+    from .train import check_settings, prepare_output
+
+    state_path, checked = prepare_output(out, cfg, resume, overwrite, rank=0, resumable=RESUMABLE_CHANGES)
+    if state_path is None:
+        return None
+    state = _load_state(state_path)
+    if not checked:
+        check_settings(state["config"], cfg, RESUMABLE_CHANGES)
+    return state
+
+
 def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train, export ``out/export`` and measure; returns the results (also in ``out/manifest.json``).
 
@@ -200,7 +216,7 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
     from .data import load_tensors, open_dataset
     from .devices import resolve_device
     from .manifest import write_json_atomic, write_manifest
-    from .train import _trim_metrics, batch_indices, prepare_output, restore_rng, rng_state, save_atomic
+    from .train import _DeferInterrupt, _trim_metrics, batch_indices, restore_rng, rng_state, save_atomic
 
     cfg = cfg.with_resolved_paths()
     cfg.validate()
@@ -213,14 +229,16 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n} training images")
     widths = cfg.block_channels()
     size = working_size(side, len(widths), cfg.pad_to)
-    state_path, _ = prepare_output(out, cfg, resume, overwrite, rank=0)  # checks the settings of a --resume
+    # The check images are read before the run folder is touched: a refused --test leaves nothing half-made, and
+    # an earlier run that --overwrite would replace stays.
+    checks = ReconstructionChecks(cfg, ds, images, targets, device, out)
+    state = resume_state(out, cfg, resume, overwrite)
 
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     vae = build_vae(cfg, images.shape[1], size).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    if state_path is not None:
-        state = _load_state(state_path)
+    if state is not None:
         if state.get("data") not in (None, ds.identity):
             raise UserError(f"--resume: the data differ from those the run in {out} was trained on "
                             f"(--data {cfg.data}); resume on the same images, or start again with --overwrite")
@@ -231,10 +249,11 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
         opt.load_state_dict(state["opt"])
         restore_rng(state["rng"])
         start = state["step"]
+    # The judge trains before the run is written down: stopped meanwhile, the folder holds no run without a state.
+    checks.begin(start)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     _trim_metrics(out / "metrics.jsonl", start)
-    checks = ReconstructionChecks(cfg, ds, images, targets, device, out, start)
 
     from .codec import pad_split
 
@@ -252,32 +271,51 @@ def train_vae(cfg: VAEConfig, out: str | Path, resume: bool = False, overwrite: 
 
     bar = tqdm(total=cfg.steps, initial=start, desc="train-vae", disable=not cfg.progress, dynamic_ncols=True)
     mark, mark_step = time.perf_counter(), start
+    completed = saved = start  # the steps the VAE holds, and those the resume state on disk holds
+    clean = True  # the VAE and the optimiser hold exactly `completed` steps
+    stop = _DeferInterrupt(active=True)  # a first Ctrl-C (or SIGTERM) lets the running step finish
     with open(out / "metrics.jsonl", "a") as metrics:
         try:
-            for step in range(start, cfg.steps):
-                idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
-                loss, parts = vae_loss(vae, padded[idx].to(device), _step_noise(cfg.seed, step), cfg)
-                # One host read per step: a tiny VAE's step is long next to it, and a NaN is caught where it starts.
-                if not torch.isfinite(loss):
-                    raise diverged(step + 1, "the loss")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    row = {"step": done, "loss": loss.item(), "rec": parts["rec"].item(), "kl": parts["kl"].item(),
-                           "step_time": (time.perf_counter() - mark) / (done - mark_step)}
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(rec=f"{row['rec']:.2f}", kl=f"{row['kl']:.0f}", refresh=False)
-                    mark, mark_step = time.perf_counter(), done
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    if not all(torch.isfinite(p).all() for p in vae.parameters()):
-                        raise diverged(done, "the weights")
-                    save_state(done)
-                    if done < cfg.steps:  # the last step's check is the final one, on the export
-                        checks.at(done, vae, (a, b))
-                bar.update(1)
+            with stop:
+                for step in range(start, cfg.steps):
+                    if stop.requested:
+                        raise stop.interrupt()
+                    idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+                    loss, parts = vae_loss(vae, padded[idx].to(device), _step_noise(cfg.seed, step), cfg)
+                    # One host read per step: a tiny VAE's step is long next to it, and a NaN is caught where it
+                    # starts.
+                    if not torch.isfinite(loss):
+                        raise diverged(step + 1, "the loss")
+                    clean = False  # from here on the step changes the weights (a second Ctrl-C may stop it midway)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    done = completed = step + 1
+                    clean = True
+                    if done % cfg.log_every == 0 or done == cfg.steps:
+                        row = {"step": done, "loss": loss.item(), "rec": parts["rec"].item(),
+                               "kl": parts["kl"].item(), "step_time": (time.perf_counter() - mark) / (done - mark_step)}
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        bar.set_postfix(rec=f"{row['rec']:.2f}", kl=f"{row['kl']:.0f}", refresh=False)
+                        mark, mark_step = time.perf_counter(), done
+                    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                        if not all(torch.isfinite(p).all() for p in vae.parameters()):
+                            raise diverged(done, "the weights")
+                        save_state(done)
+                        saved = done
+                        if done < cfg.steps:  # the last step's check is the final one, on the export
+                            checks.at(done, vae, (a, b))
+                    bar.update(1)
+        except KeyboardInterrupt:
+            # As a DiT run: the steps done since the last checkpoint are kept, unless a weight is not finite.
+            if clean and completed > saved and all(torch.isfinite(p).all() for p in vae.parameters()):
+                save_state(completed)
+                saved = completed
+            if saved:
+                log.warning("interrupted: %s holds step %d; continue with --resume", out / "checkpoints" / "last.pt",
+                            saved)
+            raise
         finally:
             bar.close()
 
@@ -335,14 +373,16 @@ class ReconstructionChecks:
     split) on reconstructions beside its top-1 on the originals, and the PSNR, at every checkpoint and at the end,
     on the test images (``--test``, or the test split of an embedded ``--data``), else on a fixed sample of
     CHECK_IMAGES training images. Recorded in ``out/QUALITY_FILE``; the end also writes GRID_FILE and warns when
-    the reconstructions' top-1 is more than ``--judge-warn-drop`` points below the originals'."""
+    the reconstructions' top-1 is more than ``--judge-warn-drop`` points below the originals'.
 
-    def __init__(self, cfg: VAEConfig, train_ds, train_x: torch.Tensor, train_y: torch.Tensor, device, out: Path,
-                 start: int):
+    Made in two parts: the constructor reads the check images (UserError for a --test whose classes differ from
+    --data's), ``begin`` trains the judge; ``at`` and ``final`` need both."""
+
+    def __init__(self, cfg: VAEConfig, train_ds, train_x: torch.Tensor, train_y: torch.Tensor, device, out: Path):
         from .data import EMBEDDED, load_tensors, open_dataset
-        from .metrics import classifier_accuracy, train_feature_extractor
 
         self.cfg, self.out, self.device, self.class_names = cfg, out, device, list(train_ds.class_names)
+        self.train_ds, self.train_x, self.train_y = train_ds, train_x, train_y
         test = cfg.test or (cfg.data if cfg.data in EMBEDDED else None)
         if test is not None:
             test_ds = open_dataset(test, "test", cfg.subset, train_ds.resolution, cfg.skip_bad_images,
@@ -357,22 +397,22 @@ class ReconstructionChecks:
             self.x, self.y = train_x[pick], train_y[pick]
             images = {"split": "train", "data": train_ds.identity}
             log.warning("no --test images: reconstructions are checked on %d training images", len(pick))
+        self.images = {**images, "count": len(self.y)}
+
+    def begin(self, start: int) -> None:
+        """Train the judge, and keep the checks of steps up to ``start`` (a resume's first step) that the run's
+        earlier QUALITY_FILE records."""
+        from .metrics import classifier_accuracy, train_feature_extractor
+
+        cfg, device = self.cfg, self.device
+        train_x, train_y, train_ds = self.train_x, self.train_y, self.train_ds
         # The judge's own weights are drawn inside fork_rng: the VAE's training draws are the same with checks.
         with torch.random.fork_rng(devices=[]):
             self.judge = train_feature_extractor(train_x, train_y, train_ds.num_classes, epochs=cfg.judge_epochs,
                                                  device=device, generator=torch.Generator().manual_seed(cfg.seed))
         self._accuracy = lambda x: classifier_accuracy(self.judge, x, self.y, device=device)
-        kept = []
-        if start and (out / QUALITY_FILE).is_file():  # a resume keeps the checks of the steps it keeps
-            try:
-                earlier = json.loads((out / QUALITY_FILE).read_text())
-                final = earlier.get("final") or {}  # the end of the run extended now: a check of its step
-                kept = [c for c in [*earlier.get("checks", []), {k: v for k, v in final.items() if k != "warning"}]
-                        if isinstance(c.get("step"), int) and c["step"] <= start]
-            except (ValueError, AttributeError):
-                kept = []
-        self.record = {"images": {**images, "count": len(self.y)},
-                       "judge": {"net": "convnet3", "epochs": cfg.judge_epochs},
+        kept = _earlier_checks(self.out / QUALITY_FILE, start) if start else []
+        self.record = {"images": self.images, "judge": {"net": "convnet3", "epochs": cfg.judge_epochs},
                        "judge_top1_originals": self._accuracy(self.x), "checks": kept}
 
     def figures(self, recon: torch.Tensor) -> dict:
@@ -425,6 +465,32 @@ class ReconstructionChecks:
         from .manifest import write_json_atomic
 
         write_json_atomic(self.out / QUALITY_FILE, self.record)
+
+
+CHECK_FIGURES = ("psnr_db", "judge_top1_reconstructions")  # what a check records beside its step
+
+
+def _earlier_checks(path: Path, last: int) -> list[dict]:
+    """The checks of steps 1 to ``last`` that the QUALITY_FILE ``path`` records, in step order: its checks and
+    its final one (the end of a run that a resume extends is a check of that step), without the warning. An
+    unreadable file gives none; an entry that is not a check (a step that is not an integer, a figure that is not
+    a number) is left out on its own."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict):
+        return []
+    checks = earlier.get("checks") if isinstance(earlier.get("checks"), list) else []
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    kept = {c["step"]: {"step": c["step"], **{k: float(c[k]) for k in CHECK_FIGURES}}
+            for c in [*checks, earlier.get("final")]
+            if isinstance(c, dict) and type(c.get("step")) is int and 0 < c["step"] <= last
+            and all(number(c.get(k)) for k in CHECK_FIGURES)}
+    return [kept[step] for step in sorted(kept)]
 
 
 VAE_HELP = {
