@@ -54,7 +54,9 @@ FIDELITY_HELP = {
                       "(default: none, at the end only)",
     "fidelity_per_class": "samples per class of the checks during training",
     "fidelity_final_per_class": "samples per class of the final check",
-    "fidelity_warn": "warn when the final class fidelity (%%) is below this, 0 to 100",
+    "fidelity_warn": "warn when the final class fidelity is below this share (%%, 0 to 100) of the judge's own top-1 "
+                     "on real images (its test split's for an embedded --data, else its training images'): on data "
+                     "the judge itself reads only in part, real images are the ceiling",
 }
 
 
@@ -250,6 +252,7 @@ class FidelityWatch:
         self.cfg, self.data, self.train_cfg, self.out = cfg, data, train_cfg, Path(out)
         self.every = cfg.fidelity_every  # read by the training loop at every step: a plain int
         self._judge = None
+        self._ceiling: tuple[float, str] | None = None  # (the judge's top-1 on real images, which ones)
         self.record = {"checks": [], "final": None}
 
     def start(self, step: int) -> None:
@@ -277,6 +280,15 @@ class FidelityWatch:
             c = self.train_cfg
             self._judge = open_judge(c.data, c.subset, self.data.image_shape, device=device,
                                      test=c.data if c.data in EMBEDDED else None)
+            top1 = self._judge[1]
+            if top1 is not None:
+                self._ceiling = (top1, "test")
+            else:  # no test images: the training images stand in (an upper bound of the test top-1)
+                from .data import open_dataset
+
+                channels, side = self.data.image_shape[0], self.data.image_shape[-1]
+                train = open_dataset(c.data, "train", subset=c.subset, resolution=side, channels=channels)
+                self._ceiling = (judge_top1(self._judge[0], train), "training")
         return self._judge
 
     def check(self, step: int, model: torch.nn.Module, device: torch.device, final: bool = False) -> dict:
@@ -298,6 +310,8 @@ class FidelityWatch:
             result = judge_images(judge, images, labels, self.data.class_names)
         result.update(step=step, per_class_images=per_class, seconds=round(time.perf_counter() - start, 1),
                       judge=judge.identity(), judge_test_top1=top1)
+        if top1 is None:
+            result["judge_train_top1"] = self._ceiling[0]
         log.info("step %d: class fidelity %.1f%% (%d images)", step, result["fidelity"], result["images"])
         if final:
             sample_grid(images, labels, self.data.class_names, self.out / SAMPLES_FILE)
@@ -313,12 +327,16 @@ class FidelityWatch:
         return result
 
     def warning(self, result: dict) -> str | None:
-        """The one-line warning for a final fidelity below --fidelity-warn, else None."""
-        if result["fidelity"] >= self.cfg.fidelity_warn:
+        """The one-line warning for a final fidelity below --fidelity-warn % of the judge's top-1 on real images
+        (self._ceiling, set by the first check), else None."""
+        ceiling, images = self._ceiling
+        bar = self.cfg.fidelity_warn / 100 * ceiling
+        if result["fidelity"] >= bar:
             return None
         weak = sorted((v, n) for n, v in result["per_class"].items() if v is not None)[:3]
-        return (f"class fidelity {result['fidelity']:.1f}% is below {self.cfg.fidelity_warn:g}% "
-                f"(weakest classes: {', '.join(f'{n} {v:.0f}%' for v, n in weak)}): the model's samples often do "
+        return (f"class fidelity {result['fidelity']:.1f}% is below {self.cfg.fidelity_warn:g}% of the judge's "
+                f"{ceiling:.1f}% top-1 on real {images} images ({bar:.1f}%; weakest classes: "
+                f"{', '.join(f'{n} {v:.0f}%' for v, n in weak)}): the model's samples often do "
                 f"not show their class; see {self.out / SAMPLES_FILE}. Train longer (--steps) or check --lr / --model"
                 + ("; on a new small dataset the latent route (no --codec pixel: a VAE of the data first) trains a "
                    "usable model sooner (docs/pretrained.md)" if getattr(self.train_cfg, "codec", None) == "pixel"
