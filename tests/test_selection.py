@@ -205,6 +205,29 @@ def test_a_judge_needs_known_data(tiny_model, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # the hidden pool is removed
 
 
+def test_a_model_trained_on_a_folder_is_judged_on_that_folder(tmp_path):
+    """A run folder records its --data: a judged rule needs no --judge-data, also for folder data (it asked for
+    it before, after `run` had fine-tuned)."""
+    import json
+
+    from PIL import Image
+
+    from memdistill.data import load_tensors, open_dataset
+
+    x, y = load_tensors(open_dataset("digits", "train"))
+    for i in range(100):
+        folder = tmp_path / "data" / str(int(y[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    run = tmp_path / "pt"
+    assert main(["pretrain", "--codec", "pixel", "--data", str(tmp_path / "data"), "--model", "DiT-Micro/2",
+                 "--steps", "1", "--batch-size", "8", "--no-fidelity", "--no-progress", "--out", str(run)]) == 0
+    assert main(["sample", "--model", str(run), "--steps", "2", "--ipc", "1", "--pool", "2", "--select", "prototype",
+                 "--judge-epochs", "1", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    judge = json.loads((tmp_path / "s" / "manifest.json").read_text())["selection"]["judge"]
+    assert str(tmp_path / "data") in json.dumps(judge)
+
+
 def test_run_takes_the_pool_and_rule_as_sample_options():
     from memdistill.cli import build_parser
     from memdistill.errors import UserError

@@ -150,18 +150,11 @@ def recorded_data(source: dict, model: str | None = None) -> dict | None:
     """{"data", "subset"} of the real train images a model was trained on, from what sample.Sampler.source (or an
     image set's manifest "source") records: the run's own settings when its --data is an embedded set or a
     folder that still exists, else a shipped model's own embedded set; None when unknown."""
-    from .data import EMBEDDED
-    from .selection import judge_data_default
+    from .selection import judge_data_default, run_data
 
-    run = source.get("run")
-    if run:
-        try:
-            config = json.loads((Path(run) / "manifest.json").read_text()).get("config") or {}
-        except (OSError, ValueError, AttributeError):
-            config = {}
-        data = config.get("data") if isinstance(config, dict) else None
-        if isinstance(data, str) and (data in EMBEDDED or Path(data).is_dir()):
-            return {"data": data, "subset": config.get("subset")}
+    recorded = run_data(source.get("run"))
+    if recorded is not None:
+        return recorded
     data = judge_data_default({"data": source.get("data"), "source": {"model": model or source.get("model")}})
     return {"data": data, "subset": None} if data else None
 

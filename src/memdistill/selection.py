@@ -21,6 +21,7 @@ pool later (``--from-pool``) gives the same set as selecting right after samplin
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -134,16 +135,39 @@ def choose(rule: str, images: torch.Tensor, label: int, k: int, seed: int = 0, j
     raise UserError(f"unknown selection rule {rule!r}; allowed: {', '.join(RULES)}")
 
 
+def run_data(run) -> dict | None:
+    """{"data", "subset"} that the run folder ``run`` (a training run's manifest.json) was trained on, when its
+    --data is an embedded set or a folder that still exists; else None."""
+    from .data import EMBEDDED
+
+    if not isinstance(run, str) or not run:
+        return None
+    try:
+        config = json.loads((Path(run) / "manifest.json").read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    if isinstance(data, str) and (data in EMBEDDED or Path(data).is_dir()):
+        return {"data": data, "subset": config.get("subset")}
+    return None
+
+
 def judge_data_default(pool_manifest: dict) -> str | None:
-    """The embedded dataset whose train split judges a pool: the one its model was trained on (run manifest
-    "data", e.g. "mnist5k:train") or a shipped model's own dataset; None when unknown (a folder dataset)."""
+    """The dataset whose train split judges a pool: the --data of the run that trained its model (run_data of
+    ``source["run"]``); else the embedded set its data identity names (e.g. "mnist5k:train") or a shipped
+    model's own dataset; None when unknown (a folder dataset whose run is not at hand)."""
     from .data import EMBEDDED
     from .pretrained import SHIPPED_DATA
 
+    source = pool_manifest.get("source")
+    source = source if isinstance(source, dict) else {}
+    recorded = run_data(source.get("run"))
+    if recorded is not None:
+        return recorded["data"]
     data = str(pool_manifest.get("data") or "").split(":", 1)[0]
     if data in EMBEDDED:
         return data
-    return SHIPPED_DATA.get((pool_manifest.get("source") or {}).get("model"))
+    return SHIPPED_DATA.get(source.get("model"))
 
 
 def select_from_pool(pool: str | Path, rule: str, ipc: int, out: str | Path, *, size: int | None = None,
