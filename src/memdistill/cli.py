@@ -392,9 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_defaults = RunConfig()
     p = sub.add_parser("run", help="the whole pipeline: fine-tune, sample, evaluate beside baselines, report",
                        description="Fine-tune, sample, select baselines, evaluate and write a report. With no "
-                                   "arguments: the shipped mnist5k DiT, self-adaptive memory, IPC 10, ConvNet-3 "
-                                   "beside the random baseline. Sampling options are --sample-*, evaluation "
-                                   "options --eval-*, the rest are fine-tuning options.")
+                                   "arguments: the shipped mnist5k-latent DiT on its VAE, self-adaptive memory, "
+                                   "IPC 10, ConvNet-3 beside the random baseline. Sampling options are --sample-*, "
+                                   "evaluation options --eval-*, the rest are fine-tuning options.")
     p.add_argument("--ipc", type=int, default=run_defaults.ipc, help=f"images per class (default: {run_defaults.ipc})")
     p.add_argument("--baselines", default=run_defaults.baselines,
                    help="comma-separated real baselines: random, herding, or '' (default: random)")

@@ -145,8 +145,8 @@ TRAIN_HELP = {
     "labels": "class names to model class indices: auto (ImageNet index when the names are wnids, else 0..K-1; "
               "an unknown name among wnids or for a 1000-class model is an error), imagenet or index "
               "(0..K-1 in class order)",
-    "codec": "auto (the --init model's own: its export records the codec and VAE; pixel when it records none, and "
-             "for pretrain without --vae), pixel (the DiT works on pixels) or vae (on the latents of --vae)",
+    "codec": "auto (the --init model's own: its export records the codec and VAE; pixel when it records none), "
+             "pixel (the DiT works on pixels) or vae (on the latents of --vae)",
     "vae": "a shipped autoencoder's name (mnist5k-vae) or a local folder of a diffusers AutoencoderKL (default: none; "
            "required with --codec vae)",
     "latent_cache": "folder where the VAE posterior (mean and log-variance of each image, and of its mirror image "
