@@ -38,6 +38,25 @@ def _judge_cache(tmp_path_factory):
 DIGITS = [str(i) for i in range(10)]
 
 
+def digits_folder(root, count=None, classes=None, per_class=None):
+    """``root`` as a class-per-folder tree of 8 px grey PNGs of the embedded digits' training images: the first
+    ``count`` of them, or the first ``per_class`` of each of ``classes``. Returns ``root``."""
+    from PIL import Image
+
+    from memdistill.data import load_tensors, open_dataset
+
+    x, y = load_tensors(open_dataset("digits", "train"))
+    if classes is None:
+        picks = range(count)
+    else:
+        picks = [i for c in classes for i in (y == c).nonzero().flatten()[:per_class].tolist()]
+    for i in picks:
+        folder = root / str(int(y[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A 'pretrained' micro DiT for the 8x8 digits (random weights: the pipeline, not quality, is tested)."""

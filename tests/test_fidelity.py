@@ -9,6 +9,8 @@ import torch
 from memdistill.cli import main
 from memdistill.fidelity import FIDELITY_FILE, FidelityConfig, FidelityWatch, class_fidelity, judge_images
 
+from conftest import digits_folder
+
 
 class StubJudge:
     """Predicts the class written into each image's first pixel (its judge index), whatever else it shows."""
@@ -177,15 +179,7 @@ def test_untrained_model_warns(tmp_path, capsys, caplog):
 
 
 def test_a_folder_without_test_images_is_read_against_the_judges_training_top1(tmp_path):
-    from PIL import Image
-
-    from memdistill.data import load_tensors, open_dataset
-
-    x, y = load_tensors(open_dataset("digits", "train"))
-    for i in range(100):
-        folder = tmp_path / "data" / str(int(y[i]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    digits_folder(tmp_path / "data", count=100)
     out = tmp_path / "run"
     assert main([*PRETRAIN, "--data", str(tmp_path / "data"), "--steps", "1", "--out", str(out)]) == 0
     final = json.loads((out / FIDELITY_FILE).read_text())["final"]

@@ -12,6 +12,8 @@ from memdistill.cli import main
 from memdistill.errors import UserError
 from memdistill.trainvae import VAEConfig
 
+from conftest import digits_folder
+
 FAST = ["--data", "digits", "--steps", "3", "--batch-size", "16", "--no-fidelity", "--no-progress"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -119,9 +121,7 @@ def test_resume_with_another_route_is_refused_before_a_vae_is_trained(tmp_path, 
 
 
 def test_what_the_vae_stage_refuses_says_it_is_the_vae_and_how_to_change_it(tmp_path, capsys):
-    from test_trainvae import _folder_of_digits
-
-    data = _folder_of_digits(tmp_path / "few", [0, 1], per_class=5)  # 10 images: below the VAE's batch of 32
+    data = digits_folder(tmp_path / "few", classes=[0, 1], per_class=5)  # 10 images: below the VAE's batch of 32
     assert main(["pretrain", *FAST, "--batch-size", "4", "--data", str(data), "--out", str(tmp_path / "pt")]) == 2
     err = capsys.readouterr().err
     assert "--batch-size 32 exceeds the 10 training images" in err and len(err.strip().splitlines()) == 1

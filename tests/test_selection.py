@@ -11,6 +11,8 @@ from memdistill.imageset import read_image_set, to_uint8
 from memdistill.sample import SampleConfig, sample_set
 from memdistill.selection import choose, confident_order, difficulty_order, kcenter_order, pool_size
 
+from conftest import digits_folder
+
 
 # ----- the rules on constructed cases ----------------------------------------------------------------------------
 def test_kcenter_on_a_line_picks_the_ends_first_then_the_middle():
@@ -210,15 +212,7 @@ def test_a_model_trained_on_a_folder_is_judged_on_that_folder(tmp_path):
     it before, after `run` had fine-tuned)."""
     import json
 
-    from PIL import Image
-
-    from memdistill.data import load_tensors, open_dataset
-
-    x, y = load_tensors(open_dataset("digits", "train"))
-    for i in range(100):
-        folder = tmp_path / "data" / str(int(y[i]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    digits_folder(tmp_path / "data", count=100)
     run = tmp_path / "pt"
     assert main(["pretrain", "--codec", "pixel", "--data", str(tmp_path / "data"), "--model", "DiT-Micro/2",
                  "--steps", "1", "--batch-size", "8", "--no-fidelity", "--no-progress", "--out", str(run)]) == 0

@@ -12,6 +12,8 @@ from memdistill.codec import PADDING_FILE, VAECodec
 from memdistill.data import load_tensors, open_dataset
 from memdistill.errors import UserError
 
+from conftest import digits_folder
+
 # Tiny: two levels of 32 channels (down-sampling 2), 8 px digits padded to 12 px -> latents 4x6x6.
 TINY = ["train-vae", "--data", "digits", "--channels-list", "32,32", "--pad-to", "12", "--batch-size", "16",
         "--judge-epochs", "1", "--log-every", "2", "--checkpoint-every", "3", "--no-progress"]
@@ -88,15 +90,9 @@ def test_reconstructions_are_checked_at_checkpoints_and_at_the_end(trained, tmp_
 
 
 def test_a_folder_without_test_images_is_checked_on_training_images(tmp_path, capsys):
-    from PIL import Image
-
     from memdistill.trainvae import QUALITY_FILE
 
-    x, y = load_tensors(open_dataset("digits", "train"))
-    for i in range(60):
-        folder = tmp_path / "data" / str(int(y[i]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    digits_folder(tmp_path / "data", count=60)
     out = tmp_path / "r"
     assert main([*TINY, "--data", str(tmp_path / "data"), "--steps", "2", "--out", str(out)]) == 0
     record = json.loads((out / QUALITY_FILE).read_text())
@@ -225,21 +221,8 @@ def test_the_padding_record_is_part_of_the_vae_identity(tmp_path):
 
 
 # ----- runs that stop early, inputs that are refused, records that are damaged ------------------------------
-def _folder_of_digits(root, classes, per_class=4):
-    """A class-per-folder tree of digits' first training images of ``classes``."""
-    from PIL import Image
-
-    x, y = load_tensors(open_dataset("digits", "train"))
-    for c in classes:
-        folder = root / str(c)
-        folder.mkdir(parents=True)
-        for i in (y == c).nonzero().flatten()[:per_class].tolist():
-            Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
-    return root
-
-
 def test_a_refused_test_set_leaves_no_run_behind_and_keeps_an_earlier_one(trained, tmp_path, capsys):
-    other = _folder_of_digits(tmp_path / "other", [0, 1])  # 2 classes, digits has 10
+    other = digits_folder(tmp_path / "other", classes=[0, 1], per_class=4)  # 2 classes, digits has 10
     out = tmp_path / "r"
     assert _train(out, "--steps", "1", "--test", str(other)) == 2
     assert "classes differ" in capsys.readouterr().err

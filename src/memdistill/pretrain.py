@@ -16,7 +16,7 @@ import torch
 from .devices import dist_setup
 from .errors import UserError
 from .fidelity import FidelityConfig, FidelityWatch
-from .train import TrainConfig, load_train_data, prepare_output, run_training
+from .train import CODEC_CHOICES, TrainConfig, load_train_data, prepare_output, run_training
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def resolve_route(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with --codec, --vae auto and --model auto made concrete, except that --vae auto stays ``AUTO`` when
     a VAE is to be trained first (the caller replaces it by that VAE's export). Raises UserError for a --codec
     that is not a choice."""
-    if cfg.codec not in ("auto", "pixel", "vae"):
+    if cfg.codec not in CODEC_CHOICES:
         cfg.validate()  # names the choices
     if cfg.vae == AUTO and cfg.codec == "pixel":
         cfg = dataclasses.replace(cfg, vae=None)
