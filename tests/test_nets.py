@@ -179,3 +179,56 @@ def test_instance_norm_on_a_channels_last_input_equals_nchw_and_keeps_the_layout
     assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
     out_cl.sum().backward()  # gradients flow through the layout change
     assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
+
+
+def _input_conv_pair(channels: int, bias: bool = True):
+    from memdistill.nets import InputConv
+
+    torch.manual_seed(0)
+    conv = InputConv(channels, 16, bias=bias)
+    plain = nn.Conv2d(channels, 16, 3, padding=1, bias=bias)
+    plain.load_state_dict(conv.state_dict())  # the same parameters under the same names
+    return conv, plain
+
+
+@pytest.mark.parametrize("bias", [True, False])  # ConvNet's input conv has a bias, ResNet's stem none
+def test_the_input_conv_of_one_channel_images_under_bf16_on_a_cpu_is_a_matrix_product(monkeypatch, bias):
+    # oneDNN's bf16 kernel for a single input channel was about a quarter of evaluate's bf16 training step on
+    # digits; the input conv computes the same sum as an im2col matrix product instead, channels-last
+    conv, plain = _input_conv_pair(1, bias)
+    x = torch.rand(5, 1, 7, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(x)
+        expected.float().square().sum().backward()
+        monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: pytest.fail("oneDNN conv called"))
+        out = conv(x)
+        out.float().square().sum().backward()
+    assert out.shape == expected.shape == (5, 16, 7, 9) and out.dtype == expected.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)  # both round to bf16
+    pairs = [(conv.weight.grad, plain.weight.grad)] + ([(conv.bias.grad, plain.bias.grad)] if bias else [])
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine, theirs, rtol=3e-2, atol=3e-2)
+
+
+def test_the_input_conv_is_nn_conv2d_in_fp32_and_for_colour_images():
+    for channels, bias, autocast in ((1, True, False), (3, True, False), (3, False, True), (1, False, False)):
+        conv, plain = _input_conv_pair(channels, bias)
+        x = torch.rand(2, channels, 6, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.equal(conv(x), plain(x)), (channels, bias, autocast)
+
+
+def test_the_instance_norm_being_compiled_normalises_in_the_inputs_own_layout(monkeypatch):
+    # compiled, the plain GroupNorm is fused in the tensor's layout (no NCHW detour); the values are the same
+    from memdistill.nets import InstanceNorm
+
+    torch.manual_seed(0)
+    norm = InstanceNorm(8)
+    x = torch.randn(3, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    eager = norm(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("layout detour while compiling"))
+    compiled_path = norm(x)
+    monkeypatch.undo()
+    torch.testing.assert_close(compiled_path, eager)

@@ -76,9 +76,39 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(channels, channels, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # compiled, the plain GroupNorm is fused with the ReLU and pooling in the tensor's own layout, 1.2x
+            # faster per training step than the NCHW detour below (benchmarks/bench_cpu.py, "first layer")
+            return super().forward(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)
+
+
+class InputConv(nn.Conv2d):
+    """The 3x3 convolution (stride 1, padding 1) that reads a network's input images, (N, C, H, W) ->
+    (N, out_channels, H, W): an nn.Conv2d (same parameters, state_dict and arithmetic) that, for one-channel
+    images on a CPU under bf16 autocast (evaluate's bf16 path), computes the same sum as an explicit im2col of
+    the 9 shifted copies of the image and one matrix product with the (out, 9) weights. oneDNN's convolution
+    kernel for a single input channel was the slowest part of the bf16 ConvNet-3 training step on 28 px digits
+    (forward, weight gradient and a layout copy of its output gradient: about a quarter of the step); as a matrix
+    product it costs what its few multiply-adds do (benchmarks/bench_cpu.py, "first layer"). The output is
+    channels-last in memory, the layout evaluate's bf16 path trains in. With 3 channels oneDNN was as fast, so
+    every other case is nn.Conv2d's."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.dim() == 4 and x.shape[1] == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return super().forward(x)
+        n, _, h, w = x.shape
+        padded = nn.functional.pad(x.reshape(n, h, w), (1, 1, 1, 1))  # (N, H+2, W+2)
+        # column k = 3 * dy + dx: the order of the weight's flattened (1, 3, 3) kernel
+        cols = torch.stack([padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], dim=-1)
+        out = nn.functional.linear(cols.reshape(n * h * w, 9), self.weight.flatten(1), self.bias)  # (N*H*W, out)
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2)  # (N, out, H, W), channels-last in memory
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
@@ -97,8 +127,9 @@ class ConvNet(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = channels
-        for _ in range(depth):
-            layers += [nn.Conv2d(c_in, width, 3, padding=1), make_norm(norm, width),
+        for d in range(depth):
+            conv = InputConv(c_in, width) if d == 0 else nn.Conv2d(c_in, width, 3, padding=1)
+            layers += [conv, make_norm(norm, width),
                        nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             c_in = width
         self.features = nn.Sequential(*layers)
@@ -157,7 +188,7 @@ class ResNet(nn.Module):
                                       nn.MaxPool2d(3, stride=2, padding=1))
         else:
             # Small images (MNIST, CIFAR): keep the resolution, a 7x7/2 stem would throw most of it away.
-            self.stem = nn.Sequential(_conv3x3(channels, 64), make_norm(norm, 64), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(InputConv(channels, 64, bias=False), make_norm(norm, 64), nn.ReLU(inplace=True))
         stages: list[BasicBlock] = []
         c_in = 64
         for i, (n_blocks, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
