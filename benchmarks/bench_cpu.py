@@ -14,7 +14,9 @@ subprocess of this script (``--worker``), so one run compares them fairly. Secti
    of the same net (forward, backward, SGD on one fixed batch) in fp32 and bf16, and the share of the
    evaluation's time spent in test checks;
 6. layout: bf16 evaluation end to end in NCHW vs channels-last (what evaluate picks for bf16 on a CPU), eager
-   and compiled (compilation outside the timing).
+   and compiled (compilation outside the timing);
+7. input conv and norm: compiled bf16 evaluation with the input conv as oneDNN's convolution and the norm's NCHW
+   detour (earlier versions), with the input conv as a matrix product, and as now (nets.InputConv, InstanceNorm).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def _evaluation(spec: dict) -> dict:
     import torch
 
     import memdistill.evaluate as ev
+    import memdistill.nets as nets
 
     x, y, tx, ty = _data(spec["dataset"], spec["ipc"], spec["num_test"])
     models, checks = [], [0.0]
@@ -67,9 +70,14 @@ def _evaluation(spec: dict) -> dict:
         return out
 
     real_layout = ev.memory_format
+    real_conv, real_norm = nets.InputConv.forward, nets.InstanceNorm.forward
     try:
         if spec.get("layout") == "nchw":  # the layout before channels-last was chosen for bf16 on CPUs
             ev.memory_format = lambda *a, **k: torch.contiguous_format
+        if spec.get("input_conv") == "onednn":  # the input conv of earlier versions: oneDNN's convolution always
+            nets.InputConv.forward = torch.nn.Conv2d.forward
+        if spec.get("norm") == "nchw":  # the norm of earlier versions: the NCHW detour, compiled too
+            nets.InstanceNorm.forward = nets.InstanceNorm.forward_nchw
         cfg = ev.EvalConfig(net="convnet3", epochs=spec["epochs"], precision=spec.get("precision", "fp32"),
                             eval_every=spec.get("eval_every"), flip=False, compile=spec.get("compile", False))
         if cfg.compile:  # compile outside the timed run (a short run of the same shapes)
@@ -81,6 +89,7 @@ def _evaluation(spec: dict) -> dict:
         wall = time.perf_counter() - t0
     finally:  # in-process callers (the test) get the module back as it was
         ev.build_net, ev._accuracy, ev.memory_format = real_build, real_accuracy, real_layout
+        nets.InputConv.forward, nets.InstanceNorm.forward = real_conv, real_norm
     weights = b"".join(p.detach().float().numpy().tobytes() for p in models[0].parameters())
     images = spec["epochs"] * len(x)  # every image once per epoch (batches never exceed the set)
     return {"wall": wall, "checks": checks[0], "images_per_s": images / (wall - checks[0]),
@@ -185,10 +194,35 @@ class Busy:
         self.proc.wait()
 
 
+def line(name: str, base: float, tuned: float, unit: str = "s") -> None:
+    print(f"{name:<52} {base:9.3f} {tuned:9.3f} {unit:<5} x{base / tuned:5.2f}")
+
+
+def input_conv_and_norm(ev: dict, epochs: int, quick: bool) -> None:
+    """Section 7: compiled bf16 evaluation with earlier versions' input conv and norm, and with today's."""
+    # each variant twice (once with --quick), alternating: this machine's speed drifts over minutes; the faster
+    # run of each is kept
+    print(f"{'input conv and norm (bf16, compiled, 1 thread)':<52} {'before':>9} {'now':>9} {'unit':<5} speed-up")
+    spec = dict(ev, threads=1, precision="bf16", compile=True)
+    variants = {"before": dict(input_conv="onednn", norm="nchw"), "conv": dict(norm="nchw"), "now": {}}
+    runs = {name: [] for name in variants}
+    for _ in range(1 if quick else 2):
+        for name, change in variants.items():
+            runs[name].append(run_worker(dict(spec, **change)))
+    fastest = {name: min(r, key=lambda run: run["wall"]) for name, r in runs.items()}
+    line("evaluation: oneDNN input conv -> matrix product", fastest["before"]["wall"], fastest["conv"]["wall"])
+    line("evaluation: both (and the norm fused when compiled)", fastest["before"]["wall"], fastest["now"]["wall"])
+    print(f"  training images/s: {fastest['before']['images_per_s']:.0f} -> {fastest['conv']['images_per_s']:.0f} -> "
+          f"{fastest['now']['images_per_s']:.0f}; top-1 after {epochs} epochs "
+          + ", ".join(f"{name} {run['last']:.2f}" for name, run in fastest.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
     parser.add_argument("--epochs", type=int, default=None, help="evaluation epochs per measurement (default 40)")
+    parser.add_argument("--only", choices=["input-conv"], default=None,
+                        help="run one section only: input-conv = section 7 (input conv and norm)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -202,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_cpu: {dataset}, ConvNet-3, IPC 10, {epochs} epochs per evaluation (checks every "
           f"{max(1, epochs // 10)} epochs), {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
 
-    def line(name: str, base: float, tuned: float, unit: str = "s") -> None:
-        print(f"{name:<52} {base:9.3f} {tuned:9.3f} {unit:<5} x{base / tuned:5.2f}")
-
+    if args.only == "input-conv":
+        input_conv_and_norm(ev, epochs, quick)
+        return 0
     print(f"{'comparison (default -> tuned)':<52} {'default':>9} {'tuned':>9} {'unit':<5} speed-up")
     # 1. threads
     one = run_worker(dict(ev, threads=1))
@@ -250,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         line(f"evaluation {'compiled' if compiled else 'eager'}: NCHW -> channels-last", nchw["wall"], last["wall"])
         print(f"  training images/s: {nchw['images_per_s']:.0f} -> {last['images_per_s']:.0f}; top-1 after {epochs} "
               f"epochs {nchw['last']:.2f} vs {last['last']:.2f}")
+    input_conv_and_norm(ev, epochs, quick)
     return 0
 
 

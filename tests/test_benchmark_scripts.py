@@ -123,10 +123,11 @@ def test_bench_cpu_quick_prints_every_comparison(monkeypatch, capsys):
     for name in ("threads idle: 1 -> 2", "threads busy: torch default", "allocator (1 thread)",
                  "test check pass (fp32): batch 256 -> 64", "fp32 -> bf16", "training step images/s, fp32",
                  "training step images/s, bf16", "share of evaluation time in test checks",
-                 "evaluation eager: NCHW -> channels-last", "evaluation compiled: NCHW -> channels-last"):
+                 "evaluation eager: NCHW -> channels-last", "evaluation compiled: NCHW -> channels-last",
+                 "evaluation: oneDNN input conv -> matrix product", "evaluation: both (and the norm fused"):
         assert name in out, name
     ratios = [float(x) for x in re.findall(r" x ?(\d+\.\d+)", out)]
-    assert len(ratios) == 9 and all(r > 0 for r in ratios)
+    assert len(ratios) == 11 and all(r > 0 for r in ratios)
     assert "same weights with the allocator tuned and default: True" in out
 
 

@@ -192,14 +192,17 @@ def _input_conv_pair(channels: int, bias: bool = True):
 
 
 @pytest.mark.parametrize("bias", [True, False])  # ConvNet's input conv has a bias, ResNet's stem none
-def test_the_input_conv_of_one_channel_images_under_bf16_on_a_cpu_is_a_matrix_product(monkeypatch, bias):
-    # oneDNN's bf16 kernel for a single input channel was about a quarter of evaluate's bf16 training step on
-    # digits; the input conv computes the same sum as an im2col matrix product instead, channels-last
+def test_the_compiled_input_conv_of_one_channel_images_under_bf16_on_a_cpu_is_a_matrix_product(monkeypatch, bias):
+    # oneDNN's bf16 kernel for a single input channel was about a quarter of evaluate's compiled bf16 training
+    # step on digits; compiled, the input conv computes the same sum as an im2col matrix product, channels-last.
+    # (Compiling takes a minute on 2 cores: the traced branch is run eagerly here, benchmarks/bench_cpu.py runs
+    # the compiled one.)
     conv, plain = _input_conv_pair(1, bias)
     x = torch.rand(5, 1, 7, 9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = plain(x)
         expected.float().square().sum().backward()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: pytest.fail("oneDNN conv called"))
         out = conv(x)
         out.float().square().sum().backward()
@@ -211,8 +214,12 @@ def test_the_input_conv_of_one_channel_images_under_bf16_on_a_cpu_is_a_matrix_pr
         torch.testing.assert_close(mine, theirs, rtol=3e-2, atol=3e-2)
 
 
-def test_the_input_conv_is_nn_conv2d_in_fp32_and_for_colour_images():
-    for channels, bias, autocast in ((1, True, False), (3, True, False), (3, False, True), (1, False, False)):
+@pytest.mark.parametrize("compiling", [False, True])
+def test_the_input_conv_is_nn_conv2d_eager_in_fp32_and_for_colour_images(monkeypatch, compiling):
+    # eager the matrix product was slower than oneDNN's kernel: only the compiled one-channel bf16 case changes
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    cases = [(1, True, False), (3, True, False), (3, False, True), (1, False, False)]
+    for channels, bias, autocast in cases + ([] if compiling else [(1, True, True), (1, False, True)]):
         conv, plain = _input_conv_pair(channels, bias)
         x = torch.rand(2, channels, 6, 6)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -69,7 +69,8 @@ class InstanceNorm(nn.GroupNorm):
     NCHW layout whatever the input's layout: a channels-last input (the bf16 CPU path of evaluate, where the
     convolutions and pooling are faster in that layout) is normalised in NCHW and handed back channels-last,
     because torch's channels-last GroupNorm kernel on CPU was about 20x slower than its NCHW one in a profile of
-    that training step (docs/benchmarks.md, "Using the CPU well"). The arithmetic, and the state_dict, are those
+    that training step (docs/benchmarks.md, "Using the CPU well"). Under torch.compile the plain GroupNorm is
+    traced instead: the compiler fuses it in the tensor's own layout. The arithmetic, and the state_dict, are those
     of nn.GroupNorm."""
 
     def __init__(self, channels: int):
@@ -77,9 +78,13 @@ class InstanceNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            # compiled, the plain GroupNorm is fused with the ReLU and pooling in the tensor's own layout, 1.2x
-            # faster per training step than the NCHW detour below (benchmarks/bench_cpu.py, "first layer")
+            # compiled, the plain GroupNorm is fused with the ReLU and pooling in the tensor's own layout: faster
+            # than the NCHW detour (benchmarks/bench_cpu.py, "input conv and norm")
             return super().forward(x)
+        return self.forward_nchw(x)
+
+    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager path: a channels-last input is normalised in NCHW and handed back channels-last."""
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)
@@ -88,20 +93,21 @@ class InstanceNorm(nn.GroupNorm):
 class InputConv(nn.Conv2d):
     """The 3x3 convolution (stride 1, padding 1) that reads a network's input images, (N, C, H, W) ->
     (N, out_channels, H, W): an nn.Conv2d (same parameters, state_dict and arithmetic) that, for one-channel
-    images on a CPU under bf16 autocast (evaluate's bf16 path), computes the same sum as an explicit im2col of
-    the 9 shifted copies of the image and one matrix product with the (out, 9) weights. oneDNN's convolution
-    kernel for a single input channel was the slowest part of the bf16 ConvNet-3 training step on 28 px digits
-    (forward, weight gradient and a layout copy of its output gradient: about a quarter of the step); as a matrix
-    product it costs what its few multiply-adds do (benchmarks/bench_cpu.py, "first layer"). The output is
-    channels-last in memory, the layout evaluate's bf16 path trains in. With 3 channels oneDNN was as fast, so
-    every other case is nn.Conv2d's."""
+    images on a CPU under bf16 autocast and torch.compile (evaluate's --precision bf16 --compile), computes the
+    same sum as an explicit im2col of the 9 shifted copies of the image and one matrix product with the (out, 9)
+    weights. oneDNN's convolution kernel for a single input channel was the slowest part of that training step
+    on 28 px digits (forward, weight gradient and a layout copy of its output gradient: about a quarter of the
+    step); as a matrix product it costs what its few multiply-adds do. The output is channels-last in memory,
+    the layout evaluate's bf16 path trains in. Eager, the matrix product was slower than oneDNN's kernel, and with
+    3 channels oneDNN was as fast: every other case is nn.Conv2d's (benchmarks/bench_cpu.py, "input conv and
+    norm")."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.dim() == 4 and x.shape[1] == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        if not (torch.compiler.is_compiling() and x.dim() == 4 and x.shape[1] == 1 and x.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
             return super().forward(x)
         n, _, h, w = x.shape
         padded = nn.functional.pad(x.reshape(n, h, w), (1, 1, 1, 1))  # (N, H+2, W+2)
