@@ -129,6 +129,13 @@ def test_bench_cpu_quick_prints_every_comparison(monkeypatch, capsys):
     ratios = [float(x) for x in re.findall(r" x ?(\d+\.\d+)", out)]
     assert len(ratios) == 11 and all(r > 0 for r in ratios)
     assert "same weights with the allocator tuned and default: True" in out
+    # --only target: one evaluation at the protocol's epochs (2 with --quick) against the 10-minute target
+    assert bench_cpu.main(["--quick", "--only", "target"]) == 0
+    target = capsys.readouterr().out.strip().splitlines()
+    assert len(target) == 2 and target[0].startswith("# bench_cpu")
+    match = re.fullmatch(r"one IPC-10 evaluation, 2 epochs x 3 repeats \(bf16, compiled, 1 thread\): (\d+\.\d) s, "
+                         r"(\d+\.\d\d) x the 600 s target; best top-1 \d+\.\d\d ± \d+\.\d\d", target[1])
+    assert match and float(match.group(2)) == pytest.approx(float(match.group(1)) / 600, abs=0.006)
 
 
 @pytest.mark.slow

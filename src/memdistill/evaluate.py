@@ -283,6 +283,9 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
                 x, target = cutmix(x, y, num_classes, config.cutmix_beta, generator)
             else:
                 target = F.one_hot(y, num_classes).float()
+            if config.compile:
+                # the batch size varies (a smaller last batch): one graph for every size, not a second compile
+                torch._dynamo.mark_dynamic(x, 0)
             with autocast(device, precision):
                 logits = forward(x)
                 # the teacher labels the very images the student sees: augmented and mixed
