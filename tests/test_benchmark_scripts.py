@@ -132,7 +132,7 @@ def test_bench_cpu_quick_prints_every_comparison(monkeypatch, capsys):
     # --only target: one evaluation at the protocol's epochs (2 with --quick) against the 10-minute target
     assert bench_cpu.main(["--quick", "--only", "target"]) == 0
     target = capsys.readouterr().out.strip().splitlines()
-    assert len(target) == 2 and target[0].startswith("# bench_cpu")
+    assert len(target) == 2 and target[0].startswith("# bench_cpu --only target: digits")
     match = re.fullmatch(r"one IPC-10 evaluation, 2 epochs x 3 repeats \(bf16, compiled, 1 thread\): (\d+\.\d) s, "
                          r"(\d+\.\d\d) x the 600 s target; best top-1 \d+\.\d\d ± \d+\.\d\d", target[1])
     assert match and float(match.group(2)) == pytest.approx(float(match.group(1)) / 600, abs=0.006)
