@@ -99,8 +99,8 @@ class InputConv(nn.Conv2d):
     on 28 px digits (forward, weight gradient and a layout copy of its output gradient: about a quarter of the
     step); as a matrix product it costs what its few multiply-adds do. The output is channels-last in memory,
     the layout evaluate's bf16 path trains in. Eager, the matrix product was slower than oneDNN's kernel, and with
-    3 channels oneDNN was as fast: every other case is nn.Conv2d's (benchmarks/bench_cpu.py, "input conv and
-    norm")."""
+    3 channels oneDNN was faster than it: every other case is nn.Conv2d's (docs/benchmarks.md, "The input conv
+    and the norm, compiled")."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)

@@ -269,8 +269,8 @@ EVAL_HELP = {
                  "CPU)",
     "compile": "torch.compile the classifier's training forward: pays off for long runs such as the protocol's "
                "epochs (with --precision bf16 on a CPU: one IPC-10 mnist5k evaluation at 2000 epochs x 3 in 9-10 "
-               "minutes on one thread of the development machine); the first compilation on a machine takes tens of seconds, "
-               "later ones reuse torch's cache",
+               "minutes on one thread of the development machine); the first compilation on a machine takes tens "
+               "of seconds, later ones reuse torch's cache",
     "labels": "hard (the protocol's labels) or soft (knowledge distillation from --teacher: the teacher labels "
               "every augmented, CutMix-ed batch; the student trains as RDED's: AdamW, --soft-lr, half-cosine schedule)",
     "teacher": "with --labels soft: a teacher classifier of the same classes and image size (.safetensors, or a torch "
