@@ -266,3 +266,28 @@ def test_make_glyphs_refuses_a_bad_out_or_count_in_one_line(tmp_path, capsys, ar
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert match in message and "--" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]
+
+
+def test_bench_cpu_only_target_runs_the_epochs_asked_for_and_refuses_fewer_than_one(monkeypatch, capsys):
+    # --epochs was ignored by --only target (it always ran the protocol's 2000 epochs, or 2 with --quick), and
+    # --epochs 0 silently meant the default
+    import bench_cpu
+
+    specs = []
+
+    def fake_worker(spec, wait="passive", malloc="tuned"):  # the protocol evaluation itself: see the test above
+        specs.append(spec)
+        return {"wall": 6.0, "epochs": spec["epochs"] or 2000, "best_mean": 50.0, "best_std": 1.0}
+
+    monkeypatch.setattr(bench_cpu, "run_worker", fake_worker)
+    for argv, epochs in ((["--epochs", "5"], 5), (["--quick", "--epochs", "3"], 3), (["--quick"], 2), ([], None)):
+        assert bench_cpu.main(["--only", "target", *argv]) == 0
+        assert specs[-1]["kind"] == "protocol" and specs[-1]["epochs"] == epochs, argv
+        header, result = capsys.readouterr().out.strip().splitlines()
+        assert (f"{epochs} epochs," if epochs else "the protocol's epochs,") in header
+        assert result.startswith(f"one IPC-10 evaluation, {epochs or 2000} epochs x 3 repeats")
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exc:
+            bench_cpu.main(["--only", "target", "--epochs", bad])
+        assert exc.value.code == 2 and "--epochs must be at least 1" in capsys.readouterr().err
+    assert len(specs) == 4
