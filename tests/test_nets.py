@@ -239,3 +239,30 @@ def test_the_instance_norm_being_compiled_normalises_in_the_inputs_own_layout(mo
     compiled_path = norm(x)
     monkeypatch.undo()
     torch.testing.assert_close(compiled_path, eager)
+
+
+@pytest.mark.parametrize("shape, layout", [((1, 1, 1, 1), "contiguous"), ((2, 1, 2, 2), "channels_last"),
+                                           ((1, 1, 3, 5), "transposed"), ((2, 1, 6, 4), "channels_last")])
+def test_the_input_conv_matrix_product_matches_the_convolution_on_odd_inputs(monkeypatch, shape, layout):
+    # 1x1 and 2x2 images, H != W, batches of 1 and 2, channels-last and non-contiguous inputs: the im2col path
+    # (run eagerly as in the test above) gives nn.Conv2d's values and gradients, the input's gradient included
+    conv, plain = _input_conv_pair(1)
+    torch.manual_seed(1)
+    n, c, h, w = shape
+    x = torch.randn(n, c, w, h).transpose(2, 3) if layout == "transposed" else torch.randn(shape)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    assert x.shape == shape and (layout != "transposed" or not x.is_contiguous())
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(theirs)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: pytest.fail("oneDNN conv called"))
+        out = conv(ours)
+    weights = torch.randn(expected.shape)  # a gradient that differs per output element
+    (expected.float() * weights).sum().backward()
+    (out.float() * weights).sum().backward()
+    assert out.shape == expected.shape == (n, 16, h, w) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    grads = ((ours.grad, theirs.grad), (conv.weight.grad, plain.weight.grad), (conv.bias.grad, plain.bias.grad))
+    for mine, want in grads:
+        torch.testing.assert_close(mine, want, rtol=3e-2, atol=5e-2)

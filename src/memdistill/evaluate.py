@@ -285,6 +285,8 @@ def _train(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, t
                 target = F.one_hot(y, num_classes).float()
             if config.compile:
                 # the batch size varies (a smaller last batch): one graph for every size, not a second compile
+                # (in fp32 torch picks a CPU convolution's kernel by batch size: a last batch below 16 after
+                # larger ones still compiles a second graph)
                 torch._dynamo.mark_dynamic(x, 0)
             with autocast(device, precision):
                 logits = forward(x)
