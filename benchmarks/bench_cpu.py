@@ -216,7 +216,7 @@ def line(name: str, base: float, tuned: float, unit: str = "s") -> None:
     print(f"{name:<52} {base:9.3f} {tuned:9.3f} {unit:<5} x{base / tuned:5.2f}")
 
 
-def input_conv_and_norm(ev: dict, epochs: int, quick: bool) -> None:
+def input_conv_and_norm(ev: dict, quick: bool) -> None:
     """Section 7: compiled bf16 evaluation with earlier versions' input conv and norm, and with today's."""
     # each variant twice (once with --quick), alternating: this machine's speed drifts over minutes; the faster
     # run of each is kept
@@ -231,7 +231,7 @@ def input_conv_and_norm(ev: dict, epochs: int, quick: bool) -> None:
     line("evaluation: oneDNN input conv -> matrix product", fastest["before"]["wall"], fastest["conv"]["wall"])
     line("evaluation: both (and the norm fused when compiled)", fastest["before"]["wall"], fastest["now"]["wall"])
     print(f"  training images/s: {fastest['before']['images_per_s']:.0f} -> {fastest['conv']['images_per_s']:.0f} -> "
-          f"{fastest['now']['images_per_s']:.0f}; top-1 after {epochs} epochs "
+          f"{fastest['now']['images_per_s']:.0f}; top-1 after {ev['epochs']} epochs "
           + ", ".join(f"{name} {run['last']:.2f}" for name, run in fastest.items()))
 
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(1, epochs // 10)} epochs), {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
 
     if args.only == "input-conv":
-        input_conv_and_norm(ev, epochs, quick)
+        input_conv_and_norm(ev, quick)
         return 0
     print(f"{'comparison (default -> tuned)':<52} {'default':>9} {'tuned':>9} {'unit':<5} speed-up")
     # 1. threads
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         line(f"evaluation {'compiled' if compiled else 'eager'}: NCHW -> channels-last", nchw["wall"], last["wall"])
         print(f"  training images/s: {nchw['images_per_s']:.0f} -> {last['images_per_s']:.0f}; top-1 after {epochs} "
               f"epochs {nchw['last']:.2f} vs {last['last']:.2f}")
-    input_conv_and_norm(ev, epochs, quick)
+    input_conv_and_norm(ev, quick)
     return 0
 
 
